@@ -1,0 +1,35 @@
+"""Packaging for camvid-seg: the TFRecords builder, trainer, tuner and their console scripts."""
+
+import setuptools
+
+setuptools.setup(
+    name='camvid-seg',
+    version='0.1.0',
+    description='Distributed U-Net training for CamVid semantic segmentation on GPU clusters.',
+    python_requires='>=3.10',
+    packages=setuptools.find_packages(include=['tfrecords_builder*', 'trainer*', 'tuning*']),
+    include_package_data=True,
+    install_requires=[
+        'tensorflow>=2.21,<2.22',
+        'keras>=3.10,<4',
+        'keras-tuner>=1.4.7,<2',
+        'google-cloud-storage>=2.18',
+        'numpy>=1.26',
+        'tensorboard>=2.21,<2.22',
+        'absl-py>=2.1',
+        # Fast PNG decode/encode in the builder's worker processes without a TF runtime each.
+        'pillow>=10',
+    ],
+    extras_require={
+        'test': [
+            'pytest>=8',
+            'pytest-timeout>=2.3',
+        ],
+    },
+    entry_points={
+        'console_scripts': [
+            'camvid-build-tfrecords=tfrecords_builder.__main__:run',
+            'camvid-synthetic=tfrecords_builder.synthetic:run',
+        ],
+    },
+)

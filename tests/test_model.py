@@ -1,0 +1,142 @@
+"""Tests for trainer.model: the seed U-Net's exact architecture, dtypes and input validation."""
+
+import collections
+
+import keras
+import numpy as np
+import pytest
+
+from trainer import model as model_lib
+
+NUM_CLASSES = 11
+
+
+@pytest.fixture(scope='module')
+def seed_unet():
+  return model_lib.build_unet(NUM_CLASSES)
+
+
+def _layer_counts(model):
+  # Exact types, not isinstance, so each kind of layer is counted once.
+  return collections.Counter(type(layer).__name__ for layer in model.layers)
+
+
+def _expected_seed_params(num_classes, base=64, depth=4):
+  """Independent hand formula for the seed U-Net's parameter count."""
+
+  def conv(k, cin, cout):  # kernel weights plus bias
+    return k * k * cin * cout + cout
+
+  def bn(c):  # gamma, beta, moving mean, moving variance
+    return 4 * c
+
+  total = 0
+  cin = 3
+  for i in range(depth):  # Encoder: two conv-BN per level.
+    c = base * 2**i
+    total += conv(3, cin, c) + bn(c) + conv(3, c, c) + bn(c)
+    cin = c
+  c = base * 2**depth  # Bottleneck.
+  total += conv(3, cin, c) + bn(c) + conv(3, c, c) + bn(c)
+  cin = c
+  for i in reversed(range(depth)):  # Decoder.
+    c = base * 2**i
+    total += conv(3, cin, c)  # Conv2DTranspose: same count as a conv cin -> c.
+    # After concatenation with the skip (c channels) the first conv sees 2c channels.
+    total += conv(3, 2 * c, c) + bn(c) + conv(3, c, c) + bn(c)
+    cin = c
+  total += conv(3, cin, num_classes)  # Head.
+  return total
+
+
+def test_seed_unet_output_shape_and_dtype(seed_unet):
+  assert tuple(seed_unet.input.shape) == (None, 256, 256, 3)
+  assert tuple(seed_unet.output.shape) == (None, 256, 256, NUM_CLASSES)
+  assert seed_unet.output.dtype == 'float32'
+
+
+def test_seed_unet_param_count_matches_hand_formula(seed_unet):
+  assert seed_unet.count_params() == _expected_seed_params(NUM_CLASSES)
+
+
+def test_seed_unet_layer_counts(seed_unet):
+  counts = _layer_counts(seed_unet)
+  # 8 encoder + 2 bottleneck + 8 decoder + 1 head; with the 4 transposed convs, 23 conv layers.
+  assert counts['Conv2D'] == 19
+  assert counts['Conv2DTranspose'] == 4
+  assert counts['Conv2D'] + counts['Conv2DTranspose'] == 23
+  assert counts['BatchNormalization'] == 18
+  assert counts['ReLU'] == 18
+  assert counts['MaxPooling2D'] == 4
+  assert counts['Concatenate'] == 4
+  # After pool 4, after the bottleneck and after decoder levels 1-3.
+  assert counts['Dropout'] == 5
+  dropout_names = [l.name for l in seed_unet.layers if isinstance(l, keras.layers.Dropout)]
+  assert dropout_names == [
+      'enc4_dropout', 'bottleneck_dropout', 'dec1_dropout', 'dec2_dropout', 'dec3_dropout']
+  assert all(l.rate == 0.5 for l in seed_unet.layers if isinstance(l, keras.layers.Dropout))
+
+
+def test_seed_unet_layer_details(seed_unet):
+  up = seed_unet.get_layer('dec1_up')
+  assert up.kernel_size == (3, 3) and up.strides == (2, 2) and up.padding == 'same'
+  # Skip connections come from the pre-pool activation of the matching encoder level.
+  for level in range(1, 5):
+    concat_inputs = seed_unet.get_layer(f'dec{level}_concat').input
+    assert concat_inputs[0] is seed_unet.get_layer(f'dec{level}_up').output
+    assert concat_inputs[1] is seed_unet.get_layer(f'enc{5 - level}_relu2').output
+  head = seed_unet.get_layer('logits')
+  assert head.kernel_size == (3, 3) and head.filters == NUM_CLASSES
+  assert head.activation is keras.activations.linear
+  assert all(l.use_bias for l in seed_unet.layers if isinstance(l, keras.layers.Conv2D))
+
+
+def test_logits_are_float32_under_mixed_precision():
+  keras.mixed_precision.set_global_policy('mixed_bfloat16')
+  try:
+    model = model_lib.build_unet(NUM_CLASSES, image_size=(32, 32), base_filters=4, depth=2)
+    assert model.get_layer('enc1_conv1').compute_dtype == 'bfloat16'
+    assert model.output.dtype == 'float32'
+    logits = model(np.zeros((1, 32, 32, 3), np.float32))
+    assert logits.dtype == 'float32'
+  finally:
+    keras.mixed_precision.set_global_policy('float32')
+
+
+def test_small_variant_forward_pass():
+  model = model_lib.build_unet(5, image_size=(64, 64), base_filters=8, depth=3, name='small')
+  images = np.random.default_rng(0).random((2, 64, 64, 3), dtype=np.float32)
+  logits = model(images, training=False)
+  assert model.name == 'small'
+  assert tuple(logits.shape) == (2, 64, 64, 5)
+  assert np.all(np.isfinite(np.asarray(logits)))
+  assert _layer_counts(model)['Dropout'] == 4  # depth + 1
+
+
+def test_non_square_input_size():
+  model = model_lib.build_unet(3, image_size=(32, 48), base_filters=4, depth=2)
+  assert tuple(model.output.shape) == (None, 32, 48, 3)
+
+
+def test_sync_batchnorm_option():
+  model = model_lib.build_unet(3, image_size=(16, 16), base_filters=4, depth=1,
+                               sync_batchnorm=True)
+  bns = [l for l in model.layers if isinstance(l, keras.layers.BatchNormalization)]
+  assert bns and all(l.synchronized for l in bns)
+
+
+def test_zero_dropout_omits_dropout_layers():
+  model = model_lib.build_unet(3, image_size=(16, 16), base_filters=4, depth=2, dropout=0.0)
+  assert _layer_counts(model)['Dropout'] == 0
+
+
+@pytest.mark.parametrize('image_size', [(250, 256), (256, 8), (0, 16), (16,)])
+def test_bad_image_size_raises(image_size):
+  with pytest.raises(ValueError):
+    model_lib.build_unet(NUM_CLASSES, image_size=image_size)
+
+
+def test_summary_works(seed_unet):
+  lines = []
+  seed_unet.summary(print_fn=lambda line, **kwargs: lines.append(line))
+  assert any('logits' in line for line in lines)

@@ -1,0 +1,90 @@
+"""`python -m tfrecords_builder`: flags -> writer.build() or verify.verify(); nothing else."""
+
+import os
+import sys
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+from absl import app  # pylint: disable=g-import-not-at-top
+from absl import flags
+
+from tfrecords_builder import verify as verify_lib
+from tfrecords_builder import writer
+from tfrecords_builder.errors import InputError
+
+_INPUT_DIR = flags.DEFINE_string('input_dir', None, 'CamVid folder (kaggle or segnet layout).')
+_OUTPUT_DIR = flags.DEFINE_string('output_dir', None, 'Where shards and manifest.json go.')
+_LAYOUT = flags.DEFINE_enum('layout', None, ['kaggle', 'segnet'],
+                            'Input layout; detected from the label folders when unset.')
+_NUM_SHARDS = flags.DEFINE_string(
+    'num_shards', None, f'Shards per split: N, or split=N,... (default: one per '
+    f'{writer.EXAMPLES_PER_SHARD} frames).')
+_NUM_WORKERS = flags.DEFINE_integer('num_workers', None,
+                                    'Worker processes (default: all cores).', lower_bound=1)
+_UNKNOWN_COLOR = flags.DEFINE_enum('unknown_color', 'error', list(writer.UNKNOWN_COLOR_MODES),
+                                   'A label colour missing from class_dict.csv: fail or map '
+                                   'to void.')
+_RESIZE = flags.DEFINE_string('resize', None, 'HxW: resize images (area/bilinear) and masks '
+                              '(nearest). Default: keep the source size.')
+_OVERWRITE = flags.DEFINE_bool('overwrite', False, 'Redo everything in --output_dir.')
+_VERIFY = flags.DEFINE_bool('verify', False, 'Read --output_dir back and check it against its '
+                            'manifest instead of building.')
+
+
+def parse_size(value: str, flag: str) -> tuple[int, int]:
+  """Parses 'HxW' into (H, W)."""
+  try:
+    height, width = (int(v) for v in value.lower().split('x'))
+  except ValueError:
+    raise InputError(f'--{flag} {value}: expected HxW, e.g. 360x480') from None
+  if height < 1 or width < 1:
+    raise InputError(f'--{flag} {value}: sizes must be positive')
+  return height, width
+
+
+def parse_num_shards(value: str | None) -> int | dict[str, int] | None:
+  if value is None:
+    return None
+  try:
+    if '=' not in value:
+      return int(value)
+    return {k.strip(): int(v) for k, v in (item.split('=') for item in value.split(','))}
+  except ValueError:
+    raise InputError(f'--num_shards {value}: expected N or split=N,...') from None
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+  if not _OUTPUT_DIR.value:
+    raise InputError('--output_dir is required')
+  if _VERIFY.value:
+    problems = verify_lib.verify(_OUTPUT_DIR.value)
+    for problem in problems:
+      print(f'error: {problem}', file=sys.stderr)
+    if problems:
+      return 1
+    print(f'{_OUTPUT_DIR.value}: OK')
+    return 0
+  if not _INPUT_DIR.value:
+    raise InputError('--input_dir is required')
+  options = writer.Options(
+      unknown_color=_UNKNOWN_COLOR.value,
+      resize=parse_size(_RESIZE.value, 'resize') if _RESIZE.value else None)
+  writer.build(_INPUT_DIR.value, _OUTPUT_DIR.value, layout=_LAYOUT.value,
+               num_shards=parse_num_shards(_NUM_SHARDS.value), num_workers=_NUM_WORKERS.value,
+               options=options, overwrite=_OVERWRITE.value)
+  return 0
+
+
+def run():
+  """Console-script entry: user mistakes become one line on stderr and exit code 2."""
+  try:
+    app.run(main)
+  except InputError as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == '__main__':
+  run()

@@ -1,0 +1,1 @@
+"""CamVid U-Net training: model, losses, metrics, visualisation and the distributed loop."""

@@ -1,0 +1,145 @@
+"""Void-aware, class-weighted per-pixel segmentation losses, always computed in float32.
+
+The losses return a (weighted loss sum, weight sum) pair instead of a mean. A distributed
+training loop all-reduces both across replicas and divides once, which gives the exact global
+weighted mean no matter how pixels, void pixels or padded examples are spread over replicas;
+averaging per-replica means would not. `mean_pixel_loss` is the single-device convenience.
+
+Void pixels (the ignore label, or any label outside [0, num_classes)) get weight 0 and are
+gathered with a safe index, so they contribute neither loss nor gradient and never produce NaN.
+"""
+
+from collections.abc import Sequence
+
+import numpy as np
+import tensorflow as tf
+
+LOSS_TYPES = ('ce', 'focal')
+CLASS_WEIGHT_METHODS = ('none', 'median_frequency', 'inverse_sqrt')
+
+
+def pixel_loss_sum(labels,
+                   logits,
+                   class_weights=None,
+                   ignore_label: int = 255,
+                   loss_type: str = 'ce',
+                   focal_gamma: float = 2.0,
+                   sample_weight=None) -> tuple[tf.Tensor, tf.Tensor]:
+  """Computes the weighted per-pixel loss sum and the weight sum over valid pixels.
+
+  Args:
+    labels: Integer class indices [B, H, W] (any integer dtype, e.g. uint8 or int32); void
+      pixels hold `ignore_label`. Labels outside [0, C) are also treated as void.
+    logits: Unnormalised scores [B, H, W, C] of any float dtype; cast to float32 first.
+    class_weights: None (all classes weight 1) or a float [C] tensor/array; a pixel's weight is
+      class_weights[label].
+    ignore_label: Label value marking void pixels.
+    loss_type: 'ce' for softmax cross-entropy or 'focal' for focal loss (1 - p_t)**gamma * CE.
+    focal_gamma: Focusing parameter of the focal loss.
+    sample_weight: None or a float [B] per-example weight multiplying its pixels' weights
+      (e.g. 0 for examples that only pad a final evaluation batch).
+
+  Returns:
+    (loss_sum, weight_sum) float32 scalars: sum of weight * loss and sum of weight over all
+    pixels. Their ratio is the weighted mean loss.
+
+  Raises:
+    ValueError: If loss_type is unknown.
+  """
+  if loss_type not in LOSS_TYPES:
+    raise ValueError(f'loss_type must be one of {LOSS_TYPES}, got {loss_type!r}')
+  logits = tf.cast(logits, tf.float32)
+  num_classes = tf.shape(logits)[-1]
+  labels = tf.cast(labels, tf.int32)
+
+  valid = tf.logical_and(
+      tf.not_equal(labels, ignore_label),
+      tf.logical_and(labels >= 0, labels < num_classes))
+  # Void pixels are given class 0 only so the gathers below stay in range; their weight is 0
+  # and their loss is masked out with tf.where, so the stand-in class never matters.
+  safe_labels = tf.where(valid, labels, tf.zeros_like(labels))
+
+  ce = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=safe_labels, logits=logits)
+  if loss_type == 'focal':
+    # CE = -log p_t, so 1 - p_t = -expm1(-CE), accurate even when p_t is close to 1. The floor
+    # keeps the gradient of x**gamma finite at x = 0 when gamma < 1 (NaN otherwise, even at void
+    # pixels whose loss tf.where discards below); its effect on the value is negligible.
+    one_minus_p = tf.maximum(-tf.math.expm1(-ce), 1e-12)
+    per_pixel = tf.pow(one_minus_p, focal_gamma) * ce
+  else:
+    per_pixel = ce
+
+  weights = tf.cast(valid, tf.float32)
+  if class_weights is not None:
+    class_weights = tf.convert_to_tensor(class_weights, dtype=tf.float32)
+    weights *= tf.gather(class_weights, safe_labels)
+  if sample_weight is not None:
+    sample_weight = tf.cast(tf.convert_to_tensor(sample_weight), tf.float32)
+    # Broadcast the per-example weight [B] over that example's pixels.
+    extra_dims = tf.ones([tf.rank(labels) - 1], dtype=tf.int32)
+    weights *= tf.reshape(sample_weight, tf.concat([tf.shape(sample_weight), extra_dims], 0))
+
+  # tf.where (not only weight 0) keeps an inf loss at a void pixel out of the sum (0 * inf = NaN).
+  weighted = tf.where(valid, weights * per_pixel, tf.zeros_like(per_pixel))
+  return tf.reduce_sum(weighted), tf.reduce_sum(weights)
+
+
+def mean_pixel_loss(labels, logits, epsilon: float = 1e-8, **kwargs) -> tf.Tensor:
+  """Weighted mean per-pixel loss on a single device (e.g. for KerasTuner or evaluation).
+
+  Args:
+    labels: See `pixel_loss_sum`.
+    logits: See `pixel_loss_sum`.
+    epsilon: Lower bound of the denominator, so an all-void batch gives 0 instead of NaN.
+    **kwargs: Passed to `pixel_loss_sum` (class_weights, ignore_label, loss_type, ...).
+
+  Returns:
+    A float32 scalar: loss_sum / max(weight_sum, epsilon).
+  """
+  loss_sum, weight_sum = pixel_loss_sum(labels, logits, **kwargs)
+  return loss_sum / tf.maximum(weight_sum, epsilon)
+
+
+def class_weights_from_counts(pixel_counts: Sequence[float] | np.ndarray,
+                              method: str = 'median_frequency',
+                              max_weight: float | None = None) -> np.ndarray:
+  """Derives per-class loss weights from training-set pixel counts.
+
+  Classes with no pixels get weight 1.0: they cannot affect the loss anyway, and a finite
+  weight keeps every downstream computation well defined.
+
+  Args:
+    pixel_counts: Non-negative number of (non-void) pixels of each class, length C.
+    method: 'none' (all ones); 'median_frequency' (w_c = median(freq) / freq_c, median over
+      classes with pixels; Eigen & Fergus 2015); 'inverse_sqrt' (w_c proportional to
+      1/sqrt(freq_c), scaled so the pixel-frequency-weighted mean weight is 1, which keeps the
+      loss scale, and therefore a tuned learning rate, roughly unchanged).
+    max_weight: If given, weights are clipped to at most this value so rare classes do not
+      dominate the gradient.
+
+  Returns:
+    float32 array [C] of weights.
+
+  Raises:
+    ValueError: If method is unknown or counts are negative.
+  """
+  if method not in CLASS_WEIGHT_METHODS:
+    raise ValueError(f'method must be one of {CLASS_WEIGHT_METHODS}, got {method!r}')
+  counts = np.asarray(pixel_counts, dtype=np.float64).reshape(-1)
+  if np.any(counts < 0):
+    raise ValueError(f'pixel_counts must be non-negative, got {counts.tolist()}')
+  weights = np.ones_like(counts)
+  present = counts > 0
+  total = counts.sum()
+
+  if method != 'none' and total > 0:
+    freq = counts[present] / total
+    if method == 'median_frequency':
+      weights[present] = np.median(freq) / freq
+    else:
+      inv_sqrt = 1.0 / np.sqrt(freq)
+      weights[present] = inv_sqrt / np.sum(freq * inv_sqrt)
+
+  if max_weight is not None:
+    weights = np.minimum(weights, max_weight)
+  return weights.astype(np.float32)

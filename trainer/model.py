@@ -1,0 +1,115 @@
+"""The U-Net architecture, as a pure Keras functional-model builder.
+
+This module only describes the network. It deliberately imports nothing about training
+(optimizers, losses, tf.distribute) so it can be built inside any distribution-strategy scope,
+inspected with `--summary_only`, or reused by a hyperparameter tuner without side effects.
+
+With its defaults, `build_unet` reproduces the original notebook's "seed_unet" layer for layer:
+four encoder levels (64..512 filters) of two conv-BN-ReLU blocks and a 2x2 max pool, a
+1024-filter bottleneck, four decoder levels (transposed conv, skip concatenation, two
+conv-BN-ReLU blocks) and a 3x3 convolution producing per-pixel class logits.
+"""
+
+from collections.abc import Sequence
+
+import keras
+
+
+def _conv_bn_relu(x, filters: int, prefix: str, index: int, sync_batchnorm: bool):
+  """Applies one 3x3 'same' convolution, batch normalisation and ReLU.
+
+  The convolution keeps its bias (the Keras default) because the seed notebook did; the
+  parameter count and checkpoints therefore match it exactly, even though BN makes the bias
+  redundant.
+  """
+  x = keras.layers.Conv2D(filters, 3, padding='same', name=f'{prefix}_conv{index}')(x)
+  x = keras.layers.BatchNormalization(
+      synchronized=sync_batchnorm, name=f'{prefix}_bn{index}')(x)
+  return keras.layers.ReLU(name=f'{prefix}_relu{index}')(x)
+
+
+def build_unet(num_classes: int,
+               image_size: Sequence[int] = (256, 256),
+               base_filters: int = 64,
+               depth: int = 4,
+               dropout: float = 0.5,
+               name: str = 'unet',
+               sync_batchnorm: bool = False) -> keras.Model:
+  """Builds a U-Net that maps [0, 1]-scaled RGB images to per-pixel class logits.
+
+  Args:
+    num_classes: Number of output classes (logit channels). Void is not a class.
+    image_size: (height, width) of the input; both must be divisible by 2**depth so every
+      pooled feature map upsamples back to exactly the size of its skip connection.
+    base_filters: Filters of the first encoder level; level i uses base_filters * 2**i and the
+      bottleneck base_filters * 2**depth.
+    depth: Number of encoder (and decoder) levels.
+    dropout: Dropout rate used after the last pool, the bottleneck and every decoder level but
+      the last. 0 omits the Dropout layers altogether.
+    name: Name of the returned model.
+    sync_batchnorm: Use synchronized BatchNormalization, so batch statistics are computed over
+      the global batch across replicas. Needed when a multi-replica run must match a
+      single-replica run exactly; costs an all-reduce per BN layer.
+
+  Returns:
+    An uncompiled `keras.Model` with input [None, H, W, 3] and float32 logits
+    [None, H, W, num_classes], float32 even under a mixed-precision global policy.
+
+  Raises:
+    ValueError: If an argument is out of range or image_size is not divisible by 2**depth.
+  """
+  if num_classes < 1:
+    raise ValueError(f'num_classes must be >= 1, got {num_classes}')
+  if depth < 1:
+    raise ValueError(f'depth must be >= 1, got {depth}')
+  if base_filters < 1:
+    raise ValueError(f'base_filters must be >= 1, got {base_filters}')
+  if not 0.0 <= dropout < 1.0:
+    raise ValueError(f'dropout must be in [0, 1), got {dropout}')
+  if len(image_size) != 2:
+    raise ValueError(f'image_size must be (height, width), got {image_size!r}')
+  height, width = (int(s) for s in image_size)
+  stride = 2**depth
+  if height <= 0 or width <= 0 or height % stride or width % stride:
+    raise ValueError(
+        f'image_size {tuple(image_size)} must be positive and divisible by 2**depth = {stride}')
+
+  inputs = keras.Input(shape=(height, width, 3), name='image')
+  x = inputs
+
+  # Encoder: keep each level's pre-pool activation as the skip connection.
+  skips = []
+  for level in range(1, depth + 1):
+    filters = base_filters * 2**(level - 1)
+    prefix = f'enc{level}'
+    x = _conv_bn_relu(x, filters, prefix, 1, sync_batchnorm)
+    x = _conv_bn_relu(x, filters, prefix, 2, sync_batchnorm)
+    skips.append(x)
+    x = keras.layers.MaxPooling2D(2, name=f'{prefix}_pool')(x)
+  if dropout > 0:
+    x = keras.layers.Dropout(dropout, name=f'enc{depth}_dropout')(x)
+
+  bottleneck_filters = base_filters * 2**depth
+  x = _conv_bn_relu(x, bottleneck_filters, 'bottleneck', 1, sync_batchnorm)
+  x = _conv_bn_relu(x, bottleneck_filters, 'bottleneck', 2, sync_batchnorm)
+  if dropout > 0:
+    x = keras.layers.Dropout(dropout, name='bottleneck_dropout')(x)
+
+  # Decoder: dec1 is the deepest level and pairs with the deepest encoder skip.
+  for level in range(1, depth + 1):
+    filters = base_filters * 2**(depth - level)
+    prefix = f'dec{level}'
+    x = keras.layers.Conv2DTranspose(
+        filters, 3, strides=2, padding='same', name=f'{prefix}_up')(x)
+    x = keras.layers.Concatenate(name=f'{prefix}_concat')([x, skips[depth - level]])
+    x = _conv_bn_relu(x, filters, prefix, 1, sync_batchnorm)
+    x = _conv_bn_relu(x, filters, prefix, 2, sync_batchnorm)
+    # The seed notebook regularises every decoder level except the one feeding the head.
+    if dropout > 0 and level < depth:
+      x = keras.layers.Dropout(dropout, name=f'{prefix}_dropout')(x)
+
+  # The head computes in float32 so logits (and hence the loss and softmax) keep full
+  # precision when the rest of the model runs under a mixed_float16/mixed_bfloat16 policy.
+  logits = keras.layers.Conv2D(
+      num_classes, 3, padding='same', dtype='float32', name='logits')(x)
+  return keras.Model(inputs, logits, name=name)
