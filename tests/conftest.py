@@ -29,3 +29,21 @@ def kaggle_class_dict():
   if not path.is_file():
     pytest.skip(f'real Kaggle class_dict.csv not found at {path} (shared/ not present)')
   return path
+
+
+@pytest.fixture(scope='session')
+def smoke_data(tmp_path_factory):
+  """Generated SegNet-layout scenes built into TFRecords: 24 train / 6 val frames of 64x48."""
+  from tfrecords_builder import synthetic, writer  # pylint: disable=g-import-not-at-top
+  root = tmp_path_factory.mktemp('smoke_data')
+  synthetic.generate(str(root / 'raw'), 'segnet', {'train': 24, 'val': 6}, (64, 48), seed=5)
+  writer.build(str(root / 'raw'), str(root / 'tfrecords'), num_shards={'train': 3, 'val': 2},
+               num_workers=1, log=lambda *_: None)
+  return root / 'tfrecords'
+
+
+def run_module(module, *args, timeout=600, **kwargs):
+  """Runs `python -m module args` from the repo root; returns the CompletedProcess."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  return subprocess.run([sys.executable, '-m', module, *map(str, args)], cwd=REPO,
+                        capture_output=True, text=True, timeout=timeout, **kwargs)

@@ -5,6 +5,7 @@
      "void": [{"name": str, "color": [r, g, b]}], "ignore_label": 255,
      "features": {...feature keys...}, "resize": [h, w] | null, "fingerprint": sha256,
      "splits": {split: {"num_examples": n, "num_shards": k, "shards": [file names],
+                        "shard_sizes": [examples per shard],
                         "class_pixel_counts": [C ints], "void_pixels": int,
                         "image_size": [h, w] | null}}}
 """
@@ -21,7 +22,7 @@ from tfrecords_builder.layouts import join
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = 'manifest.json'
-_SPLIT_KEYS = ('num_examples', 'shards', 'class_pixel_counts', 'void_pixels')
+_SPLIT_KEYS = ('num_examples', 'shards', 'shard_sizes', 'class_pixel_counts', 'void_pixels')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,6 +92,9 @@ def validate(raw: dict, path: str) -> None:
     for key in _SPLIT_KEYS:
       if key not in info:
         fail(f'split "{split}" is missing "{key}"')
+    if (len(info['shard_sizes']) != len(info['shards']) or
+        sum(info['shard_sizes']) != info['num_examples']):
+      fail(f'split "{split}": shard_sizes do not match shards and num_examples')
     if len(info['class_pixel_counts']) != len(raw['classes']):
       fail(f'split "{split}": class_pixel_counts has {len(info["class_pixel_counts"])} entries '
            f'for {len(raw["classes"])} classes')

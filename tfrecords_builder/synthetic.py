@@ -2,22 +2,21 @@
 
 Used by tests, the default demo run and benchmarks, so none of them needs the real CamVid.
 Each scene is a street seen from a car: sky, facades with windows, a road with lane markings
-between pavements, and cars, pedestrians, poles with signs, trees, fences, a rare bicyclist and
-some void clutter. Objects are placed in a simple 3-D world and projected through a pinhole
-camera, so sizes shrink with distance like in real footage. Every class has its own colour and
-texture, blurred by per-frame jitter, lighting and noise, so a small network can learn the
-scenes from context without them being a colour lookup. Labels are exact.
+between pavements, cars, pedestrians, poles with signs, trees, fences, a rare bicyclist and some
+void clutter. Things are placed in a simple 3-D street and projected through a pinhole camera,
+so sizes shrink with distance as in real footage. Every class has its own colour and texture,
+varied by per-object jitter, lighting and noise, so a small network can learn the scenes but
+not as a colour lookup. Labels are exact; the class shares are close to real CamVid's.
 
 Usage:
-  python -m tfrecords_builder.synthetic --output_dir D --layout kaggle|segnet --num N \
-      --size WxH [--splits train,val] [--seed 0]
+  python -m tfrecords_builder.synthetic --output_dir D --layout kaggle|segnet --num N
+      --size WxH [--splits train,val] [--seed 0] [--nowrite_class_dict]
 
 --num is a count per split (20) or per-split counts (train=20,val=5).
 """
 
 import re
 import sys
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -26,8 +25,8 @@ from PIL import Image
 LAYOUTS = ('kaggle', 'segnet')
 MIN_SIDE = 8
 
-# The Kaggle release's class_dict.csv, byte for byte (stray spaces, no final newline): tests
-# build synthetic Kaggle folders with it, so it must parse exactly like the real file.
+# The Kaggle release's class_dict.csv, byte for byte (stray spaces, no final newline), so the
+# builder's parser is exercised on exactly what real users feed it.
 KAGGLE_CLASS_DICT = (
     'name,r,g,b\nAnimal,64,128,64\nArchway,192,0,128\nBicyclist,0,128, 192\n'
     'Bridge,0, 128, 64\nBuilding,128, 0, 0\nCar,64, 0, 128\nCartLuggagePram,64, 0, 192\n'
@@ -55,22 +54,24 @@ SEGNET_CLASS_DICT = 'name,r,g,b\n' + ''.join(
 (SKY, BUILDING, POLE, ROAD, PAVEMENT, TREE, SIGN, FENCE, CAR, PEDESTRIAN, BICYCLIST, VOID, LANE,
  WALL) = (np.uint8(i) for i in range(14))
 _TO_SEGNET = np.array(list(range(12)) + [ROAD, BUILDING], dtype=np.uint8)
-_KAGGLE_NAMES = ('Sky', 'Building', 'Column_Pole', 'Road', 'Sidewalk', 'Tree', 'SignSymbol',
-                 'Fence', 'Car', 'Pedestrian', 'Bicyclist', 'Void', 'LaneMkgsDriv', 'Wall')
+_KAGGLE_ROWS = {cells[0]: [int(c) for c in cells[1:]]
+                for cells in (line.split(',') for line in KAGGLE_CLASS_DICT.splitlines()[1:])}
+_TO_KAGGLE_RGB = np.array([_KAGGLE_ROWS[name] for name in (
+    'Sky', 'Building', 'Column_Pole', 'Road', 'Sidewalk', 'Tree', 'SignSymbol', 'Fence', 'Car',
+    'Pedestrian', 'Bicyclist', 'Void', 'LaneMkgsDriv', 'Wall')], dtype=np.uint8)
 
-
-def _kaggle_colours() -> np.ndarray:
-  rows = dict((cells[0], [int(c) for c in cells[1:]]) for cells in
-              (line.split(',') for line in KAGGLE_CLASS_DICT.splitlines()[1:]))
-  return np.array([rows[name] for name in _KAGGLE_NAMES], dtype=np.uint8)
-
-
-_TO_KAGGLE_RGB = _kaggle_colours()
-
-# Camera: focal length as a fraction of the width (about CamVid's 60 degree field of view)
-# and the camera's height above the road in metres.
-_FOCAL = 0.9
-_CAMERA_HEIGHT = 1.5
+# Base colour per fine class id (sky, lane paint and objects also get their own in the code).
+_BASE_COLOURS = ((200, 200, 205), (150, 145, 140), (120, 125, 120), (95, 92, 100),
+                 (165, 155, 140), (70, 105, 45), (200, 30, 30), (115, 90, 65), (120, 120, 125),
+                 (60, 55, 60), (40, 90, 190), (110, 100, 90), (215, 215, 205), (150, 110, 90))
+_FACADE_COLOURS = ((150, 75, 60), (185, 165, 130), (125, 125, 130), (205, 200, 190),
+                   (85, 70, 60), (160, 120, 90))
+_CAR_COLOURS = ((180, 30, 30), (30, 60, 150), (200, 200, 205), (35, 35, 40), (120, 125, 130),
+                (40, 110, 60), (200, 170, 40))
+_SIGN_COLOURS = ((200, 30, 30), (30, 70, 190), (230, 200, 40), (235, 235, 235))
+# Camera: focal length as a fraction of the width (CamVid's ~60 degree field of view) and its
+# height above the road in metres.
+_FOCAL, _CAMERA_HEIGHT = 0.9, 1.5
 
 
 def _smooth_noise(rng: np.random.Generator, height: int, width: int, cell: float) -> np.ndarray:
@@ -87,6 +88,11 @@ def _smooth_noise(rng: np.random.Generator, height: int, width: int, cell: float
   return out
 
 
+def _mod(values: np.ndarray, period: float) -> np.ndarray:
+  """values % period for positive periods, ~10x faster than numpy's exact float modulo."""
+  return values - np.floor(values * np.float32(1 / period)) * np.float32(period)
+
+
 class _Scene:
   """One frame being drawn: a fine-id label map and a float RGB image, painted back to front."""
 
@@ -95,8 +101,6 @@ class _Scene:
     self.f = _FOCAL * width
     self.xv = width * rng.uniform(0.4, 0.6)  # vanishing point: the road bends a little
     self.yh = height * rng.uniform(0.38, 0.5)  # horizon row
-    self.label = np.full((height, width), SKY, dtype=np.uint8)
-    self.image = np.zeros((height, width, 3), dtype=np.float32)
     # Street cross-section in metres from the camera: road edges, then facades behind pavements.
     self.road = (-rng.uniform(2.5, 6.0), rng.uniform(2.5, 6.0))
     self.facade = (self.road[0] - rng.uniform(1.5, 4.5), self.road[1] + rng.uniform(1.5, 4.5))
@@ -106,19 +110,22 @@ class _Scene:
 
   def colour(self, base, spread=18.0) -> np.ndarray:
     """`base` jittered per object, so each class is a colour distribution, not one colour."""
-    return np.asarray(base, np.float32) + self.rng.normal(0, spread, 3).astype(np.float32)
+    # Mostly lightness changes plus a smaller hue shift, so grey asphalt never turns pink.
+    jitter = self.rng.normal(0, spread) + self.rng.normal(0, spread / 3, 3)
+    return (np.asarray(base, np.float32) + jitter).astype(np.float32)
 
   def background(self):
     """Sky, ground (road, markings, pavement), facades and the far cross street, per pixel."""
-    rng, f, hc = self.rng, np.float32(self.f), np.float32(_CAMERA_HEIGHT)
-    dx = (np.arange(self.w, dtype=np.float32) + 0.5 - np.float32(self.xv))[None, :]
-    dy = (np.arange(self.h, dtype=np.float32) + 0.5 - np.float32(self.yh))[:, None]
+    rng, f, hc, h, w = self.rng, np.float32(self.f), np.float32(_CAMERA_HEIGHT), self.h, self.w
+    dx = (np.arange(w, dtype=np.float32) + 0.5 - np.float32(self.xv))[None, :]
+    dy = (np.arange(h, dtype=np.float32) + 0.5 - np.float32(self.yh))[:, None]
     # Ground point hit by each pixel's ray (depth zg, lateral xg); far away above the horizon.
     zg = np.where(dy > 0, f * hc / np.maximum(dy, 1e-3), np.float32(1e6))
     xg = dx * (zg / f)
-    # Facade hit: lateral plane at the facade distance; hf = height on it (< 0: ground first).
+    # Facade hit: the plane at the facade's lateral offset; hf = height on it (< 0: the ray
+    # meets the ground first). The depth zf only depends on the column.
     plane = np.where(dx < 0, self.facade[0], self.facade[1]).astype(np.float32)
-    zf = plane * f / np.where(np.abs(dx) < 1e-3, np.float32(1e-3) * np.sign(plane), dx)
+    zf = (plane * f / np.where(np.abs(dx) < 1e-3, np.float32(1e-3) * np.sign(plane), dx))[0]
     hf = hc - dy * (zf / f)
     ground = hf < 0
     far = np.where(ground, zg > self.zfar, zf > self.zfar)
@@ -128,78 +135,70 @@ class _Scene:
     for side in range(2):
       z = -rng.uniform(0, 10)
       while z < self.zfar:
-        kind = int(np.searchsorted((0.6, 0.72, 0.86), rng.random()))  # P = .6 .12 .14 .14
+        kind = int(np.searchsorted((0.58, 0.7, 0.86), rng.random()))  # P = .58 .12 .16 .14
         top = rng.uniform(6, 25) if kind == 0 else rng.uniform(2.5, 9)
         low = (0, rng.uniform(1.2, 2.5), rng.uniform(1.0, 2.0), 0)[kind]
         colour = self.colour(_FACADE_COLOURS[rng.integers(len(_FACADE_COLOURS))], 12)
         segments.append((side, z, kind, top, low, colour))
         z += rng.uniform(6, 25)
     sides, starts, kinds, tops, lows, colours = (np.array(v) for v in zip(*segments))
-    tops, lows = tops.astype(np.float32), lows.astype(np.float32)
-    n_left = int(np.sum(sides == 0))
-    col_z = zf[0]  # facade depth depends on the column only
-    seg = np.where(dx[0] < 0, np.searchsorted(starts[:n_left], col_z, 'right') - 1,
-                   n_left + np.searchsorted(starts[n_left:], col_z, 'right') - 1)
-    seg = np.clip(seg, 0, len(segments) - 1).astype(np.int32)
-    kind, top, low_top = kinds[seg], tops[seg], lows[seg]
-    top = top + np.float32(0.8) * np.sin(col_z * 1.7 + seg) * (kind >= 2)  # blobby tree tops
+    n, n_left = len(segments), int(np.sum(sides == 0))
+    seg = np.where(dx[0] < 0, np.searchsorted(starts[:n_left], zf, 'right') - 1,
+                   n_left + np.searchsorted(starts[n_left:], zf, 'right') - 1)
+    seg = np.clip(seg, 0, n - 1).astype(np.int32)
+    kind = kinds[seg]
+    top = tops[seg].astype(np.float32) + np.float32(0.8) * np.sin(zf * 1.7 + seg) * (kind >= 2)
     lower = np.array([BUILDING, WALL, FENCE, TREE], np.uint8)[kind]
-    # Behind a low wall: alternately a building or trees; behind a fence: trees.
-    upper = np.where((kind == 1) & (seg % 2 == 0), BUILDING, np.where(kind == 0, BUILDING, TREE))
-    facade = np.where(hf < np.where(kind == 0, top, low_top), lower,
+    # Behind a low wall: a building or trees; behind a fence: trees.
+    upper = np.where((kind == 0) | ((kind == 1) & (seg % 2 == 0)), BUILDING, TREE)
+    facade = np.where(hf < np.where(kind == 0, top, lows[seg].astype(np.float32)), lower,
                       np.where(hf < top, upper, SKY))
-
     # Far cross street: a row of buildings or trees of varying height.
-    hb = hc - dy * self.zfar / f
-    skyline = rng.uniform(4, 16) + 4 * _smooth_noise(rng, 1, self.w, self.w / 12)[0]
-    backdrop = np.where(hb < skyline, BUILDING if rng.random() < 0.7 else TREE, SKY)
-
+    skyline = rng.uniform(4, 16) + 4 * _smooth_noise(rng, 1, w, w / 12)[0]
+    backdrop = np.where(hc - dy * self.zfar / f < skyline,
+                        BUILDING if rng.random() < 0.7 else TREE, SKY)
     road = (xg >= self.road[0]) & (xg <= self.road[1])
     lane_x = rng.uniform(self.road[0] + 2.5, self.road[1] - 2.5) if np.ptp(self.road) > 5 else 0
-    marks = (np.abs(xg - lane_x) < 0.08) & (zg % 9 < 3)
+    marks = (np.abs(xg - lane_x) < 0.08) & (zg % 9 < 3)  # dashed centre line, solid edges
     marks |= (np.abs(xg - self.road[0] - 0.3) < 0.06) | (np.abs(xg - self.road[1] + 0.3) < 0.06)
     ground_label = np.where(road, np.where(marks, LANE, ROAD), PAVEMENT)
-    label = np.where(far, backdrop, np.where(ground, ground_label, facade)).astype(np.uint8)
-    self.label = label
+    label = self.label = np.where(far, backdrop, np.where(ground, ground_label, facade))
 
     # Colours: one gather from a palette (jittered class colours, per-segment wall and window
     # colours, one sky colour per row for the gradient) times a grey-level texture map.
-    n = len(segments)
-    t = np.clip((np.arange(self.h) + 0.5) / self.yh, 0, 1)[:, None]
+    t = np.clip((np.arange(h) + 0.5) / self.yh, 0, 1)[:, None]
     zenith = self.colour((120, 150, 200) if rng.random() < 0.5 else (175, 180, 190), 15)
     palette = np.concatenate([
         [self.colour(c, 15) for c in _BASE_COLOURS], colours,
         colours * 0.35 + self.colour((40, 50, 60), 8),
         zenith * (1 - t) + self.colour((215, 215, 220), 10) * t]).astype(np.float32) * self.cast
-    windows = (((col_z % 3.0) < 1.7) & (hf > 1)) & (_mod(hf, 3.2) > 0.9) & (_mod(hf, 3.2) < 2.4)
+    floor = _mod(hf, 3.2)
+    windows = ((zf % 3.0) < 1.7) & (hf > 1) & (floor > 0.9) & (floor < 2.4)
     near_facade = ~far & ~ground
-    index = label.astype(np.int32)
     index = np.where(near_facade & (label == BUILDING), np.where(windows, 14 + n + seg, 14 + seg),
-                     index)
+                     label.astype(np.int32))
     index = np.where(near_facade & (label == WALL), 14 + seg, index)
-    index = np.where(label == SKY, np.arange(14 + 2 * n, 14 + 2 * n + self.h, dtype=np.int32)[:, None],
+    index = np.where(label == SKY, np.arange(14 + 2 * n, 14 + 2 * n + h, dtype=np.int32)[:, None],
                      index)
-    # Texture: asphalt patches, pavement slab joints, brick courses, fence slats, clouds.
-    noise = _smooth_noise(rng, self.h, self.w, self.w / 30)
+    # Texture: asphalt patches, clouds, then pavement slab joints, brick courses, fence slats.
+    shade = np.where(label == ROAD, 0.85 + 0.3 * _smooth_noise(rng, h, w, w / 30), np.float32(1))
+    shade *= np.where(label == SKY, 0.85 + 0.3 * _smooth_noise(rng, h, w, w / 8), np.float32(1))
     slabs = (_mod(xg, 1.2) < 0.08) | (_mod(zg, 1.2) < 0.08)
-    shade = np.where(label == ROAD, 0.85 + 0.3 * noise, np.float32(1))
-    shade *= np.where(label == SKY, 0.85 + 0.3 * _smooth_noise(rng, self.h, self.w, self.w / 8),
-                      np.float32(1))
     dark = (((label == PAVEMENT) & slabs) | ((label == WALL) & (_mod(hf, 0.3) < 0.06))
-            | ((label == FENCE) & ((col_z % 0.35) < 0.12)))
+            | ((label == FENCE) & ((zf % 0.35) < 0.12)))
     shade *= np.where(dark, np.float32(0.65), np.float32(1))
     self.image = np.take(palette, index, axis=0)
     self.image *= shade[..., None]
 
   def part(self, x, z, half_width, h0, h1, cls, colour, power=8.0, ring=0.0):
-    """Paints an upright superellipse (power 2: ellipse, large: box) at depth z, x across."""
+    """Paints an upright superellipse (power 2: ellipse; large: box) at depth z, x across."""
     s = self.f / z
     x0, x1 = self.xv + (x - half_width) * s, self.xv + (x + half_width) * s
     y0, y1 = self.yh + (_CAMERA_HEIGHT - h1) * s, self.yh + (_CAMERA_HEIGHT - h0) * s
     # Pixel box, at least one pixel across so thin poles never vanish at small sizes.
     ix0, iy0 = max(int(np.floor(x0)), 0), max(int(np.floor(y0)), 0)
-    ix1, iy1 = min(max(int(np.ceil(x1)), ix0 + 1), self.w), min(max(int(np.ceil(y1)), iy0 + 1),
-                                                               self.h)
+    ix1 = min(max(int(np.ceil(x1)), ix0 + 1), self.w)
+    iy1 = min(max(int(np.ceil(y1)), iy0 + 1), self.h)
     if ix0 >= ix1 or iy0 >= iy1:
       return
     u = (np.arange(ix0, ix1) + 0.5 - (x0 + x1) / 2) / max((x1 - x0) / 2, 0.5)
@@ -208,55 +207,47 @@ class _Scene:
     mask = (r <= 1) & (r >= ring ** power)
     self.label[iy0:iy1, ix0:ix1][mask] = cls
     # Lit from above: a vertical gradient gives objects some volume.
-    shaded = (1.0 - 0.2 * v.astype(np.float32))[:, None, None] * (
+    shaded = (1 - 0.2 * v.astype(np.float32))[:, None, None] * (
         np.asarray(colour, np.float32) * self.cast)
     np.copyto(self.image[iy0:iy1, ix0:ix1], shaded, where=mask[..., None])
-
-  def visible_depth(self, x, zmax):
-    """A depth where lateral position x is on screen (the view is ~0.55 z wide each side)."""
-    zmin = max(3.5, abs(x) * self.f / (0.45 * self.w))
-    return self.rng.uniform(zmin, max(zmin, zmax) + 1e-3)
 
   def objects(self):
     """Places things in the street and paints them far to near."""
     rng, (left, right) = self.rng, self.road
-    todo = []  # (depth, drawing function, its arguments)
+    todo = []  # (depth, draw method, lateral position)
+
+    def add(draw, x, zmax):
+      zmin = max(3.5, abs(x) * self.f / (0.45 * self.w))  # near enough the centre to be seen
+      todo.append((rng.uniform(zmin, max(zmin, zmax) + 1e-3), draw, x))
 
     def pavement_x(outer):
-      side = rng.integers(2)
-      kerb, wall = (left, self.facade[0]) if side == 0 else (right, self.facade[1])
+      kerb, wall = (left, self.facade[0]) if rng.random() < 0.5 else (right, self.facade[1])
       return kerb + (wall - kerb) * (rng.uniform(0.55, 0.9) if outer else rng.uniform(0.1, 0.5))
 
     for _ in range(1 + rng.poisson(2.5)):
-      x = rng.uniform(left + 1.0, right - 1.0)
-      todo.append((self.visible_depth(x, 60), self.car, x))
+      add(self.car, rng.uniform(left + 1.0, right - 1.0), 60)
     for _ in range(rng.poisson(2.5)):
-      x = pavement_x(outer=rng.random() < 0.5)
-      todo.append((self.visible_depth(x, 35), self.pedestrian, x))
+      add(self.pedestrian, pavement_x(outer=rng.random() < 0.5), 35)
     if rng.random() < 0.35:
-      x = left + 0.9 if rng.random() < 0.5 else right - 0.9
-      todo.append((self.visible_depth(x, 30), self.bicyclist, x))
-    for _ in range(1 + rng.poisson(1.5)):
-      x = (left - 0.4) if rng.random() < 0.5 else (right + 0.4)
-      todo.append((self.visible_depth(x, 45), self.pole, x))
+      add(self.bicyclist, left + 0.9 if rng.random() < 0.5 else right - 0.9, 30)
+    for _ in range(1 + rng.poisson(1.8)):
+      add(self.pole, (left - 0.4) if rng.random() < 0.5 else (right + 0.4), 45)
     for _ in range(rng.poisson(1.2)):
-      x = pavement_x(outer=True)
-      todo.append((self.visible_depth(x, 50), self.tree, x))
+      add(self.tree, pavement_x(outer=True), 50)
     for _ in range(rng.poisson(1.0)):  # unlabelled street furniture: bins, boxes, bollards
-      x = pavement_x(outer=rng.random() < 0.5)
-      todo.append((self.visible_depth(x, 30), self.clutter, x))
+      add(self.clutter, pavement_x(outer=rng.random() < 0.5), 30)
     for z, draw, x in sorted(todo, key=lambda item: -item[0]):
       draw(x, z)
 
   def car(self, x, z):
     rng, w, h = self.rng, self.rng.uniform(0.8, 1.0), self.rng.uniform(1.35, 1.8)
     paint = self.colour(_CAR_COLOURS[rng.integers(len(_CAR_COLOURS))], 20)
-    for side in (-1, 1):
+    for side in (-1, 1):  # wheels
       self.part(x + side * 0.72 * w, z, 0.16, 0, 0.6, CAR, (25, 25, 28))
     self.part(x, z, w, 0.22, 0.62 * h, CAR, paint, power=6)
     self.part(x, z, 0.8 * w, 0.5 * h, h, CAR, paint, power=4)
     self.part(x, z, 0.66 * w, 0.63 * h, 0.93 * h, CAR, self.colour((45, 55, 65), 10), power=5)
-    for side in (-1, 1):
+    for side in (-1, 1):  # lights
       self.part(x + side * 0.8 * w, z, 0.13, 0.42 * h, 0.5 * h, CAR, (190, 30, 30), power=4)
 
   def pedestrian(self, x, z):
@@ -269,7 +260,7 @@ class _Scene:
 
   def bicyclist(self, x, z):
     jacket = self.colour((200, 160, 40) if self.rng.random() < 0.5 else (40, 90, 190), 30)
-    for side in (-1, 1):
+    for side in (-1, 1):  # wheels as rings: the background shows through the spokes
       self.part(x + side * 0.55, z, 0.34, 0, 0.68, BICYCLIST, (30, 30, 30), power=2, ring=0.72)
     self.part(x, z, 0.55, 0.55, 0.62, BICYCLIST, self.colour((150, 40, 40), 30), power=10)
     self.part(x - 0.05, z, 0.08, 0.5, 1.0, BICYCLIST, (40, 40, 50))
@@ -277,18 +268,18 @@ class _Scene:
     self.part(x + 0.2, z, 0.11, 1.5, 1.74, BICYCLIST, (180, 170, 160), power=2)
 
   def pole(self, x, z):
-    h = self.rng.uniform(3.5, 8.0)
+    rng, h = self.rng, self.rng.uniform(3.5, 8.0)
     self.part(x, z, 0.09, 0, h, POLE, self.colour((120, 125, 120), 25), power=20)
-    if self.rng.random() < 0.75:
-      sign = _SIGN_COLOURS[self.rng.integers(len(_SIGN_COLOURS))]
-      height = min(h, self.rng.uniform(2.5, 3.5))
-      self.part(x, z, 0.35, height - 0.7, height, SIGN, self.colour(sign, 12),
-                power=2 if self.rng.random() < 0.5 else 12)
+    if rng.random() < 0.8:
+      sign, size = _SIGN_COLOURS[rng.integers(len(_SIGN_COLOURS))], rng.uniform(0.3, 0.55)
+      top = min(h, rng.uniform(2.6, 3.6))
+      self.part(x, z, size, top - 2 * size, top, SIGN, self.colour(sign, 12),
+                power=2 if rng.random() < 0.5 else 12)
 
   def tree(self, x, z):
     rng, trunk = self.rng, self.rng.uniform(1.8, 3.5)
     self.part(x, z, 0.15, 0, trunk + 0.5, TREE, self.colour((80, 60, 40), 12))
-    for _ in range(rng.integers(3, 7)):
+    for _ in range(rng.integers(3, 7)):  # the crown: a cluster of blobs
       r, cx, cy = rng.uniform(0.9, 1.8), x + rng.uniform(-1.2, 1.2), trunk + rng.uniform(0.5, 3)
       self.part(cx, z, r, cy - r, cy + r, TREE, self.colour((70, 105, 45), 18), power=2)
 
@@ -297,7 +288,7 @@ class _Scene:
               self.colour((120, 110, 100), 60), power=self.rng.uniform(3, 12))
 
   def finish(self) -> np.ndarray:
-    """Leaf texture, an occasional car bonnet (void, like CamVid), lighting, blur and noise."""
+    """Adds an occasional car bonnet (void, as in CamVid), blur, light, leaves and noise."""
     rng, image, h, w = self.rng, self.image, self.h, self.w
     if rng.random() < 0.25:
       xs = (np.arange(w) + 0.5 - w / 2) / (0.7 * w)
@@ -305,8 +296,9 @@ class _Scene:
       bonnet = (np.arange(h) + 0.5)[:, None] >= edge[None, :]
       self.label[bonnet] = VOID
       image[bonnet] = self.colour((40, 40, 45), 15) * self.cast
-    # Soft [1 2 1] blur on half the frames: edges blend like a real lens; labels stay sharp.
-    if rng.random() < 0.5:
+    # Soft [1 2 1] blur on half the frames: edges blend as through a real lens while labels
+    # stay sharp. Not on small frames, where it would wipe out one-pixel poles.
+    if rng.random() < 0.5 and min(h, w) >= 200:
       image[1:-1] = (image[:-2] + image[2:] + 2 * image[1:-1]) * 0.25
       image[:, 1:-1] = (image[:, :-2] + image[:, 2:] + 2 * image[:, 1:-1]) * 0.25
     # Uneven light (shadows, vignetting) and leaf texture in one multiply.
@@ -315,29 +307,10 @@ class _Scene:
                       np.float32(1))
     image *= light[..., None]
     image = np.clip(image, 0, 255, out=image).astype(np.int16)
-    # Sensor noise: uniform bytes, far cheaper than Gaussian samples.
-    noise = np.frombuffer(rng.bytes(image.size), np.uint8).reshape(image.shape).astype(np.int16)
-    noise -= 128
-    noise *= rng.integers(3, 13)  # then / 128: sd 1.7 .. 7 grey levels
-    noise >>= 7
-    image += noise
+    # Sensor noise from uniform bytes (far cheaper than Gaussian): sd 1.7 .. 7 grey levels.
+    noise = np.frombuffer(rng.bytes(image.size), np.uint8).reshape(image.shape) - np.int16(128)
+    image += (noise * int(rng.integers(3, 13))) >> 7
     return np.clip(image, 0, 255, out=image).astype(np.uint8)
-
-
-def _mod(values: np.ndarray, period: float) -> np.ndarray:
-  """values % period, but ~10x faster than numpy's float modulo (which handles signs exactly)."""
-  return values - np.floor(values * np.float32(1 / period)) * np.float32(period)
-
-
-# Base colours per fine class id (sky, lane paint and objects get their own in the code).
-_BASE_COLOURS = ((200, 200, 205), (150, 145, 140), (120, 125, 120), (95, 92, 100),
-                 (165, 155, 140), (70, 105, 45), (200, 30, 30), (115, 90, 65), (120, 120, 125),
-                 (60, 55, 60), (40, 90, 190), (110, 100, 90), (215, 215, 205), (150, 110, 90))
-_FACADE_COLOURS = ((150, 75, 60), (185, 165, 130), (125, 125, 130), (205, 200, 190),
-                   (85, 70, 60), (160, 120, 90))
-_CAR_COLOURS = ((180, 30, 30), (30, 60, 150), (200, 200, 205), (35, 35, 40), (120, 125, 130),
-                (40, 110, 60), (200, 170, 40))
-_SIGN_COLOURS = ((200, 30, 30), (30, 70, 190), (230, 200, 40), (235, 235, 235))
 
 
 def _render_fine(rng: np.random.Generator, width: int, height: int):
@@ -349,7 +322,7 @@ def _render_fine(rng: np.random.Generator, width: int, height: int):
 
 def render_scene(rng: np.random.Generator, width: int, height: int
                  ) -> tuple[np.ndarray, np.ndarray]:
-  """Renders one scene.
+  """Renders one layout-independent scene.
 
   Args:
     rng: the source of all randomness; the same generator state gives the same scene.
@@ -372,52 +345,50 @@ def _check_size(size) -> tuple[int, int]:
   return width, height
 
 
-def _split_counts(num, splits) -> dict[str, int]:
-  counts = dict(num) if isinstance(num, dict) else {split: num for split in splits}
-  for split, n in counts.items():
-    if not re.fullmatch(r'[A-Za-z0-9_-]+', str(split)):
-      raise ValueError(f'split name "{split}": use letters, digits, "_" or "-"')
-    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-      raise ValueError(f'frame count for split "{split}" must be an integer >= 0, got {n!r}')
-  return counts
+def _is_count(n) -> bool:
+  return isinstance(n, (int, np.integer)) and not isinstance(n, bool) and n >= 0
 
 
-def generate(output_dir: str, layout: str, num, size: tuple[int, int],
+def generate(output_dir: str, layout: str, num: int | dict[str, int], size: tuple[int, int],
              splits=('train', 'val'), seed: int = 0,
              write_class_dict: bool = True) -> dict[str, list[str]]:
-  """Writes synthetic frames in a CamVid layout.
+  """Writes synthetic frames in a CamVid layout under `output_dir` (local, created if needed).
 
-  Frames are numbered across splits in order (synthSS_000000, ...), so names are unique like
-  real CamVid frames, and frame k's content depends only on (seed, k, size): the same arguments
-  always give byte-identical files.
+  Frames are numbered across splits in order (synth00_000000, ...), so names are unique as in
+  real CamVid, and frame k's content depends only on (seed, k, size): the same arguments always
+  give byte-identical files.
 
   Args:
-    output_dir: local folder, created if needed; existing files with the same names are replaced.
-    layout: 'kaggle' ({split}_labels/<frame>_L.png colour labels and the Kaggle class_dict.csv)
-      or 'segnet' ({split}annot/<frame>.png index labels, 11 = void).
-    num: frames per split, or a {split: count} dict whose keys are the splits written (then
-      `splits` is not used).
+    output_dir: local folder; files with the same names are overwritten.
+    layout: 'kaggle' ({split}/<frame>.png, RGB colour labels {split}_labels/<frame>_L.png and
+      the Kaggle class_dict.csv) or 'segnet' ({split}annot/<frame>.png index labels, 11 = void).
+    num: frames per split, or {split: count}, whose keys are then the splits written.
     size: (width, height) in pixels.
-    splits: split names, used when `num` is an int.
+    splits: the splits written when `num` is an int.
     seed: non-negative seed.
-    write_class_dict: for 'segnet', whether to write class_dict.csv (the builder has the SegNet
-      table built in). The Kaggle layout always gets one, as it cannot be read without it.
+    write_class_dict: write class_dict.csv. The builder has the SegNet table built in; a Kaggle
+      folder without it is only useful to test that error.
 
   Returns:
     {split: [frame names written, in order]}.
 
   Raises:
-    ValueError: bad layout, size, counts or seed.
+    ValueError: bad layout, size, counts, split names or seed.
   """
   if layout not in LAYOUTS:
     raise ValueError(f'layout "{layout}": must be one of {", ".join(LAYOUTS)}')
   width, height = _check_size(size)
-  counts = _split_counts(num, splits)
-  if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+  counts = dict(num) if isinstance(num, dict) else {split: num for split in splits}
+  for split, n in counts.items():
+    if not re.fullmatch(r'[A-Za-z0-9_-]+', str(split)):
+      raise ValueError(f'split name "{split}": use letters, digits, "_" or "-"')
+    if not _is_count(n):
+      raise ValueError(f'frame count for split "{split}" must be an integer >= 0, got {n!r}')
+  if not _is_count(seed):
     raise ValueError(f'seed must be an integer >= 0, got {seed!r}')
   out = Path(output_dir)
   out.mkdir(parents=True, exist_ok=True)
-  if layout == 'kaggle' or write_class_dict:
+  if write_class_dict:
     text = KAGGLE_CLASS_DICT if layout == 'kaggle' else SEGNET_CLASS_DICT
     (out / 'class_dict.csv').write_bytes(text.encode('ascii'))
   written, k = {}, 0
@@ -426,43 +397,37 @@ def generate(output_dir: str, layout: str, num, size: tuple[int, int],
     label_dir = out / (f'{split}_labels' if layout == 'kaggle' else f'{split}annot')
     image_dir.mkdir(exist_ok=True)
     label_dir.mkdir(exist_ok=True)
-    names = []
+    written[split] = []
     for _ in range(n):
       name = f'synth{seed:02d}_{k:06d}'
       image, fine = _render_fine(np.random.default_rng([seed, k]), width, height)
-      # Fast zlib level: these files are rewritten often and the noise barely compresses anyway.
+      # zlib level 1: 4x faster than the default and the noisy images barely compress anyway.
       Image.fromarray(image).save(image_dir / f'{name}.png', compress_level=1)
       if layout == 'kaggle':
         Image.fromarray(_TO_KAGGLE_RGB[fine]).save(label_dir / f'{name}_L.png')
       else:
         Image.fromarray(_TO_SEGNET[fine]).save(label_dir / f'{name}.png')
-      names.append(name)
+      written[split].append(name)
       k += 1
-    written[split] = names
   return written
 
 
-# ----------------------------------------------------------------------------------------------
-# Command line. Flags are defined only when run as a program, so importing this module from the
-# builder (which has its own --output_dir) cannot collide with them.
-
-
-def _parse_num(text: str):
-  if re.fullmatch(r'\d+', text):
-    return int(text)
-  counts = {}
-  for item in text.split(','):
-    match = re.fullmatch(r'\s*([A-Za-z0-9_-]+)\s*=\s*(\d+)\s*', item)
-    if not match or match.group(1) in counts:
-      raise ValueError(f'--num "{text}": expected a count (20) or split=count pairs '
-                       '(train=20,val=5)')
-    counts[match.group(1)] = int(match.group(2))
-  return counts
+# Command line. The flags are defined only when this runs as a program, so importing the module
+# (the builder does, and has its own --output_dir) cannot collide with them.
 
 
 def _fail(message: str):
   sys.stderr.write(f'synthetic: error: {message}\n')
   sys.exit(2)
+
+
+def _parse_flags(argv):
+  """absl's flag parsing, but a bad flag gives one line on stderr and exit 2, not a usage dump."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    _fail(' '.join(str(e).split()))
 
 
 def _main(argv):
@@ -472,38 +437,40 @@ def _main(argv):
     _fail(f'unexpected arguments: {" ".join(argv[1:])}')
   if not opts.output_dir:
     _fail('--output_dir is required')
-  match = re.fullmatch(r'(\d+)[xX](\d+)', opts.size or '')
-  if not match:
+  size = re.fullmatch(r'(\d+)x(\d+)', opts.size)
+  if not size:
     _fail(f'--size "{opts.size}": expected WIDTHxHEIGHT, e.g. 480x360')
+  if re.fullmatch(r'\d+', opts.num):
+    num = int(opts.num)
+  elif re.fullmatch(r'[A-Za-z0-9_-]+=\d+(,[A-Za-z0-9_-]+=\d+)*', opts.num):
+    num = {split: int(n) for split, n in (item.split('=') for item in opts.num.split(','))}
+  else:
+    _fail(f'--num "{opts.num}": expected a count (20) or split=count pairs (train=20,val=5)')
+  splits = [s.strip() for s in opts.splits.split(',') if s.strip()]
+  if isinstance(num, dict) and opts['splits'].present and set(splits) != set(num):
+    _fail(f'--splits "{opts.splits}" does not match the splits in --num "{opts.num}"')
   try:
-    num = _parse_num(opts.num)
-    splits = [s.strip() for s in opts.splits.split(',') if s.strip()]
-    if isinstance(num, dict) and opts['splits'].present and set(splits) != set(num):
-      raise ValueError(f'--splits {opts.splits} does not match the splits in --num {opts.num}')
     written = generate(opts.output_dir, opts.layout, num,
-                       (int(match.group(1)), int(match.group(2))), splits=splits,
-                       seed=opts.seed, write_class_dict=True)
+                       (int(size.group(1)), int(size.group(2))), splits=splits, seed=opts.seed,
+                       write_class_dict=opts.write_class_dict)
   except (ValueError, OSError) as e:
     _fail(str(e))
   counts = ', '.join(f'{split}={len(names)}' for split, names in written.items())
-  print(f'Wrote {counts} {opts.layout} frames ({opts.size}) to {opts.output_dir}')
+  print(f'Wrote {counts} {opts.layout} frames of {opts.size} to {opts.output_dir}')
 
 
-def _parse_flags(argv):
-  """absl's parser, but a bad flag is one line on stderr and exit 2, not a usage dump."""
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  try:
-    return flags.FLAGS(argv)
-  except flags.Error as e:
-    _fail(' '.join(str(e).split()))
-
-
-if __name__ == '__main__':
+def run():
+  """Command-line entry (also the `camvid-synthetic` console script)."""
   from absl import app, flags  # pylint: disable=g-import-not-at-top
   flags.DEFINE_string('output_dir', None, 'Folder to write the CamVid-layout frames into.')
   flags.DEFINE_enum('layout', 'kaggle', LAYOUTS, 'On-disk CamVid layout to write.')
   flags.DEFINE_string('num', '20', 'Frames per split (20) or per-split counts (train=20,val=5).')
   flags.DEFINE_string('size', '480x360', 'Frame size as WIDTHxHEIGHT.')
-  flags.DEFINE_string('splits', 'train,val', 'Comma-separated splits, when --num is one count.')
-  flags.DEFINE_integer('seed', 0, 'Non-negative seed; same flags give byte-identical files.')
+  flags.DEFINE_string('splits', 'train,val', 'Comma-separated splits, used when --num is a count.')
+  flags.DEFINE_integer('seed', 0, 'Non-negative seed; the same flags give byte-identical files.')
+  flags.DEFINE_bool('write_class_dict', True, 'Write class_dict.csv.')
   app.run(_main, flags_parser=_parse_flags)
+
+
+if __name__ == '__main__':
+  run()

@@ -19,17 +19,20 @@ def verify(output_dir: str, log=print) -> list[str]:
   for split, info in manifest.splits.items():
     counts = np.zeros(256, np.int64)
     ids, num_bytes = [], 0
-    for path in manifest.shard_paths(split):
+    for path, size in zip(manifest.shard_paths(split), info['shard_sizes']):
       if not tf.io.gfile.exists(path):
         problems.append(f'{path}: missing')
         continue
       num_bytes += tf.io.gfile.stat(path).length
+      before = len(ids)
       try:
         for example in tf.data.TFRecordDataset(path).map(features.parse_example):
           counts += np.bincount(example['mask'].numpy().ravel(), minlength=256)
           ids.append(example['source_id'].numpy().decode())
       except tf.errors.OpError as e:
         problems.append(f'{path}: unreadable ({e.message.splitlines()[0]})')
+      if len(ids) - before != size:
+        problems.append(f'{path}: {len(ids) - before} examples, manifest says {size}')
     bad_values = [v for v in np.nonzero(counts)[0] if v >= num_classes and
                   v != manifest.ignore_label]
     if bad_values:

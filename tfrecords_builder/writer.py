@@ -263,6 +263,7 @@ def _split_entry(table: classes.ClassTable, shard_stats: list[dict]) -> dict:
       'num_examples': sum(s['num_examples'] for s in shard_stats),
       'num_shards': len(shard_stats),
       'shards': [s['name'] for s in shard_stats],
+      'shard_sizes': [s['num_examples'] for s in shard_stats],
       'class_pixel_counts': counts.tolist() if len(counts) else [0] * table.num_classes,
       'void_pixels': sum(s['void_pixels'] for s in shard_stats),
       'image_size': list(sizes.pop()) if len(sizes) == 1 else None,

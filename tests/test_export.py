@@ -1,0 +1,276 @@
+"""Tests for trainer.export and the trainer.predict command line.
+
+The serving signature is checked against an independent re-computation of its pipeline (decode,
+[0, 1] scaling, antialiased resize, model, optional flip averaging, logits resized back, argmax)
+on real PNG and JPEG bytes, with a tiny U-Net so the whole file stays well under a minute.
+"""
+
+import io
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import keras
+import numpy as np
+from PIL import Image
+import pytest
+import tensorflow as tf
+
+from tfrecords_builder.errors import InputError
+from trainer import export as export_lib
+from trainer import model as model_lib
+from trainer import visualize
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+MODEL_SIZE = (32, 32)
+CLASS_NAMES = ['Road', 'Building', 'Pedestrian', 'Car']
+CLASS_COLORS = [[128, 64, 128], [70, 70, 70], [220, 20, 60], [0, 0, 142]]
+VOID_COLOR = (0, 0, 0)
+# Pixel agreement required between the SavedModel and the test's own computation. The ops are
+# the same, but the flip path batches differently, which may flip a rare near-tie argmax.
+MIN_AGREEMENT = 0.999
+
+
+@pytest.fixture(scope='module')
+def model():
+  keras.utils.set_random_seed(0)
+  return model_lib.build_unet(num_classes=len(CLASS_NAMES), image_size=MODEL_SIZE,
+                              base_filters=4, depth=2, dropout=0.0)
+
+
+def _export(model, export_dir, flip=False):
+  export_lib.export_model(model, str(export_dir), image_size=MODEL_SIZE, class_names=CLASS_NAMES,
+                          class_colors=CLASS_COLORS, flip=flip)
+
+
+@pytest.fixture(scope='module')
+def model_dir(tmp_path_factory, model):
+  """A training output dir M with M/export, as the trainer leaves it."""
+  root = tmp_path_factory.mktemp('model_dir')
+  _export(model, root / 'export')
+  return root
+
+
+@pytest.fixture(scope='module')
+def serve(model_dir):
+  return tf.saved_model.load(str(model_dir / 'export' / 'serving')).signatures['serving_default']
+
+
+def _image(height, width, seed):
+  """A smooth colour gradient plus noise, so the random model predicts several classes."""
+  rng = np.random.default_rng(seed)
+  y, x = np.mgrid[0:height, 0:width]
+  base = np.stack([255 * x / width, 255 * y / height, 128 + 0 * x], axis=-1)
+  noisy = base + rng.normal(0, 40, base.shape)
+  return np.clip(noisy, 0, 255).astype(np.uint8)
+
+
+def _encode(array, fmt='PNG'):
+  buf = io.BytesIO()
+  Image.fromarray(array).save(buf, format=fmt)
+  return buf.getvalue()
+
+
+def _expected_class_ids(model, image, flip=False):
+  """The serving pipeline re-computed eagerly for one decoded uint8 [H, W, 3] image."""
+  height, width = image.shape[:2]
+  x = tf.image.convert_image_dtype(tf.constant(image[None]), tf.float32)
+  x = tf.image.resize(x, MODEL_SIZE, method='bilinear', antialias=True)
+  logits = model(x, training=False)
+  if flip:
+    mirrored = model(x[:, :, ::-1, :], training=False)[:, :, ::-1, :]
+    logits = (logits + mirrored) / 2
+  logits = tf.image.resize(logits, (height, width), method='bilinear')
+  return np.argmax(logits.numpy()[0], axis=-1)
+
+
+def _assert_agrees(actual, expected):
+  assert actual.shape == expected.shape
+  agreement = np.mean(actual == expected)
+  assert agreement >= MIN_AGREEMENT, f'only {agreement:.4%} of pixels agree'
+
+
+# --- the serving SavedModel -------------------------------------------------------------------
+
+def test_signature_takes_image_bytes_and_returns_class_ids(serve):
+  _, inputs = serve.structured_input_signature
+  assert list(inputs) == ['image_bytes']
+  assert inputs['image_bytes'].dtype == tf.string
+  assert inputs['image_bytes'].shape.as_list() == [None]
+  assert list(serve.structured_outputs) == ['class_ids']
+
+
+@pytest.mark.parametrize('fmt', ['PNG', 'JPEG'])
+def test_serving_matches_independent_prediction_at_input_resolution(model, serve, fmt):
+  image = _image(40, 56, seed=1)
+  encoded = _encode(image, fmt)
+  out = serve(image_bytes=tf.constant([encoded]))['class_ids']
+  assert out.dtype == tf.uint8
+  assert out.shape == (1, 40, 56)  # The input resolution, not the model's 32x32.
+  out = out.numpy()
+  assert out.max() < len(CLASS_NAMES)
+  # JPEG is lossy: compare with what the same decoder makes of the bytes, not the source array.
+  decoded = image if fmt == 'PNG' else tf.io.decode_jpeg(encoded, channels=3).numpy()
+  expected = _expected_class_ids(model, decoded)
+  assert len(np.unique(expected)) > 1, 'degenerate test: the model predicts a single class'
+  _assert_agrees(out[0], expected)
+
+
+def test_serving_batches_same_size_images_and_rejects_mixed_sizes(model, serve):
+  images = [_image(24, 40, seed=2), _image(24, 40, seed=3)]
+  out = serve(image_bytes=tf.constant([_encode(i) for i in images]))['class_ids'].numpy()
+  assert out.shape == (2, 24, 40)
+  for got, image in zip(out, images):
+    _assert_agrees(got, _expected_class_ids(model, image))
+  with pytest.raises(tf.errors.InvalidArgumentError, match='same height and width'):
+    serve(image_bytes=tf.constant([_encode(images[0]), _encode(_image(40, 56, seed=4))]))
+  assert serve(image_bytes=tf.constant([], tf.string))['class_ids'].shape[0] == 0
+
+
+def test_flip_export_averages_with_mirrored_prediction(model, tmp_path):
+  _export(model, tmp_path / 'export', flip=True)
+  serve = tf.saved_model.load(str(tmp_path / 'export' / 'serving')).signatures['serving_default']
+  image = _image(40, 56, seed=5)
+  out = serve(image_bytes=tf.constant([_encode(image)]))['class_ids'].numpy()[0]
+  expected = _expected_class_ids(model, image, flip=True)
+  # Test of the test: flip averaging must actually change this prediction somewhere.
+  assert np.any(expected != _expected_class_ids(model, image, flip=False))
+  _assert_agrees(out, expected)
+  assert export_lib.load_labels(str(tmp_path / 'export'))['flip'] is True
+
+
+# --- model.keras, labels.json and atomicity ---------------------------------------------------
+
+def test_keras_model_reloads_with_same_logits(model, model_dir):
+  reloaded = keras.models.load_model(str(model_dir / 'export' / export_lib.MODEL_NAME))
+  x = np.random.default_rng(6).random((2, *MODEL_SIZE, 3), dtype=np.float32)
+  np.testing.assert_allclose(reloaded(x, training=False).numpy(),
+                             model(x, training=False).numpy(), atol=1e-5)
+
+
+def test_export_dir_holds_exactly_the_three_artifacts(model_dir):
+  assert sorted(os.listdir(model_dir / 'export')) == ['labels.json', 'model.keras', 'serving']
+
+
+def test_labels_json_contents(model_dir):
+  expected = {
+      'classes': [{'index': i, 'name': n, 'color': c}
+                  for i, (n, c) in enumerate(zip(CLASS_NAMES, CLASS_COLORS))],
+      'ignore_label': 255,
+      'image_size': [32, 32],
+      'flip': False,
+  }
+  with open(model_dir / 'export' / 'labels.json') as f:
+    assert json.load(f) == expected
+  assert export_lib.load_labels(str(model_dir / 'export')) == expected
+
+
+def test_load_labels_errors_name_the_file(tmp_path):
+  path = str(tmp_path / 'labels.json')
+  with pytest.raises(InputError, match='labels.json: not found'):
+    export_lib.load_labels(str(tmp_path))
+  for text, problem in (('{not json', 'not valid JSON'), ('{"classes": []}', 'missing keys'),
+                        ('{"classes": [{"index": 0, "name": "a", "color": [1, 2]}], '
+                         '"ignore_label": 255, "image_size": [8, 8], "flip": false}', 'color')):
+    (tmp_path / 'labels.json').write_text(text)
+    with pytest.raises(InputError, match=problem) as info:
+      export_lib.load_labels(str(tmp_path))
+    assert path in str(info.value)
+
+
+def test_export_rejects_mismatched_arguments(model, tmp_path):
+  with pytest.raises(ValueError, match='4 classes'):
+    export_lib.export_model(model, str(tmp_path), image_size=MODEL_SIZE,
+                            class_names=CLASS_NAMES[:3], class_colors=CLASS_COLORS[:3])
+  with pytest.raises(ValueError, match='model input'):
+    export_lib.export_model(model, str(tmp_path), image_size=(64, 64),
+                            class_names=CLASS_NAMES, class_colors=CLASS_COLORS)
+
+
+def test_crash_during_reexport_leaves_no_complete_looking_export(model, tmp_path, monkeypatch):
+  _export(model, tmp_path)
+  assert export_lib.load_labels(str(tmp_path))
+
+  def crash(*args, **kwargs):
+    raise RuntimeError('simulated crash while writing the SavedModel')
+
+  monkeypatch.setattr(export_lib, '_write_saved_model', crash)
+  with pytest.raises(RuntimeError, match='simulated crash'):
+    _export(model, tmp_path)
+  # The old labels.json went first, so the half-replaced export is not mistaken for a whole one;
+  # and no temporary names are left behind.
+  assert sorted(os.listdir(tmp_path)) == ['model.keras', 'serving']
+  with pytest.raises(InputError, match='not found'):
+    export_lib.load_labels(str(tmp_path))
+
+
+# --- python -m trainer.predict ----------------------------------------------------------------
+
+def _run_predict(*args):
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2')
+  return subprocess.run([sys.executable, '-m', 'trainer.predict', *args], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=300)
+
+
+def test_predict_writes_masks_and_overlays(model, model_dir, tmp_path):
+  images = {'a': _image(40, 56, seed=7), 'b': _image(24, 36, seed=8)}
+  in_dir = tmp_path / 'in'
+  in_dir.mkdir()
+  for stem, image in images.items():
+    (in_dir / f'{stem}.png').write_bytes(_encode(image))
+  (in_dir / 'notes.txt').write_text('not an image')  # Ignored: not .png/.jpg/.jpeg.
+  out_dir = tmp_path / 'out'
+
+  proc = _run_predict('--model_dir', str(model_dir), '--input', str(in_dir),
+                      '--output_dir', str(out_dir))
+  assert proc.returncode == 0, proc.stderr
+  assert sorted(os.listdir(out_dir)) == ['a_mask.png', 'a_overlay.png',
+                                         'b_mask.png', 'b_overlay.png']
+  assert '2 images' in proc.stdout.splitlines()[-1]
+
+  allowed = {tuple(c) for c in CLASS_COLORS} | {VOID_COLOR}
+  palette = np.array(CLASS_COLORS, np.uint8)
+  for stem, image in images.items():
+    mask = np.asarray(Image.open(out_dir / f'{stem}_mask.png').convert('RGB'))
+    overlay = np.asarray(Image.open(out_dir / f'{stem}_overlay.png').convert('RGB'))
+    assert mask.shape == overlay.shape == image.shape
+    assert {tuple(c) for c in mask.reshape(-1, 3)} <= allowed
+    # Class colours are distinct, so the mask maps back to class ids exactly.
+    ids = np.argmax(np.all(mask[:, :, None, :] == palette, axis=-1), axis=-1)
+    _assert_agrees(ids, _expected_class_ids(model, image))
+    np.testing.assert_array_equal(overlay, visualize.overlay(image, ids, palette))
+
+
+def test_predict_bad_input_exits_2_with_one_error_line(model_dir, tmp_path):
+  good = _encode(_image(16, 16, seed=10))
+  no_export = tmp_path / 'untrained'
+  no_export.mkdir()
+  missing = tmp_path / 'missing.png'
+  corrupt = tmp_path / 'corrupt'
+  corrupt.mkdir()
+  (corrupt / 'a.png').write_bytes(good)
+  (corrupt / 'b.png').write_bytes(good[:100])  # Truncated.
+  out = str(tmp_path / 'out')
+  # Each run costs ~5 s of TensorFlow import, so one case per stage that can fail: finding the
+  # export, listing the input, decoding an image. (A missing flag or an image-less directory is
+  # reported just like the missing --input.)
+  cases = [
+      (['--model_dir', str(no_export), '--input', str(corrupt / 'a.png'), '--output_dir', out],
+       [str(no_export / 'export'), 'export missing', 'train first']),
+      (['--model_dir', str(model_dir), '--input', str(missing), '--output_dir', out],
+       [str(missing), 'no such file']),
+      (['--model_dir', str(model_dir), '--input', str(corrupt), '--output_dir', out],
+       [str(corrupt / 'b.png'), 'not a valid PNG or JPEG']),
+  ]
+  for args, fragments in cases:
+    proc = _run_predict(*args)
+    assert proc.returncode == 2, (args, proc.stderr)
+    assert 'Traceback' not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith('error:')]
+    assert len(errors) == 1, (args, proc.stderr)
+    for fragment in fragments:
+      assert fragment in errors[0], (fragment, errors[0])
+  # Only the corrupt-image run got as far as writing: the image sorted before the bad one.
+  assert sorted(os.listdir(out)) == ['a_mask.png', 'a_overlay.png']

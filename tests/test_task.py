@@ -1,0 +1,159 @@
+"""End-to-end tests of `python -m trainer.task` and `python -m trainer.evaluate` on generated data."""
+
+import csv
+import json
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import tensorflow as tf
+
+from conftest import REPO, run_module
+
+SMOKE = ('--config', 'smoke')
+
+
+def _history(model_dir):
+  with open(model_dir / 'history.csv') as f:
+    return list(csv.DictReader(f))
+
+
+def _event_tags(log_dir):
+  tags = set()
+  for path in pathlib.Path(log_dir).glob('events.out.tfevents.*'):
+    for event in tf.compat.v1.train.summary_iterator(str(path)):
+      tags.update(v.tag for v in event.summary.value)
+  return tags
+
+
+def test_smoke_run_end_to_end_then_evaluate(smoke_data, tmp_path):
+  model_dir = tmp_path / 'model'
+  proc = run_module('trainer.task', *SMOKE, '--data_dir', smoke_data, '--model_dir', model_dir)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert 'epoch 2/2' in proc.stdout
+  config = json.loads((model_dir / 'config.json').read_text())
+  assert config['image_size'] == [32, 32] and config['resolved_precision'] == 'float32'
+  assert config['strategy_used'] == 'default' and config['batch_size'] == 4
+  assert [row['epoch'] for row in _history(model_dir)] == ['0', '1']
+
+  metrics = json.loads((model_dir / 'metrics.json').read_text())
+  assert metrics['split'] == 'val' and metrics['num_examples'] == 6
+  assert 0.0 <= metrics['pixel_accuracy'] <= 1.0
+  assert len(metrics['per_class']) == 11 and len(metrics['confusion_matrix']) == 11
+  assert set(metrics['per_class']['Road']) == {'iou', 'precision', 'recall', 'f1', 'support'}
+  # Label resolution: every non-void val pixel (6 frames of 64x48) is counted once.
+  assert sum(map(sum, metrics['confusion_matrix'])) == metrics['num_pixels'] > 6 * 32 * 32
+
+  export = model_dir / 'export'
+  assert (export / 'model.keras').is_file() and (export / 'serving' / 'saved_model.pb').is_file()
+  assert json.loads((export / 'labels.json').read_text())['classes'][3]['name'] == 'Road'
+  assert {'epoch_loss', 'epoch_mean_iou', 'learning_rate'} <= _event_tags(model_dir / 'logs/train')
+  val_tags = _event_tags(model_dir / 'logs/val')
+  assert {'epoch_loss', 'epoch_mean_iou', 'confusion_matrix', 'overlays', 'iou/Road'} <= val_tags
+
+  report = tmp_path / 'eval.json'
+  proc = run_module('trainer.evaluate', '--model_dir', model_dir, '--data_dir', smoke_data,
+                    '--split', 'val', '--output', report)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  result = json.loads(report.read_text())
+  assert {'split', 'num_examples', 'pixel_accuracy', 'mean_iou', 'per_class',
+          'confusion_matrix'} <= set(result)
+  # Same best checkpoint, same evaluation code: the same numbers as the run's metrics.json.
+  assert result['confusion_matrix'] == metrics['confusion_matrix']
+  assert result['mean_iou'] == pytest.approx(metrics['mean_iou'])
+
+  # Rerunning a finished run resumes at its end: no epoch is trained or logged twice.
+  proc = run_module('trainer.task', *SMOKE, '--data_dir', smoke_data, '--model_dir', model_dir)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert 'epoch 1/2' not in proc.stdout and 'resumed from' in proc.stdout
+  assert [row['epoch'] for row in _history(model_dir)] == ['0', '1']
+
+
+def _start(smoke_data, model_dir, *extra):
+  return subprocess.Popen(
+      [sys.executable, '-m', 'trainer.task', *SMOKE, '--data_dir', str(smoke_data),
+       '--model_dir', str(model_dir), *extra], cwd=REPO, stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for(predicate, proc, timeout=240):
+  deadline = time.time() + timeout
+  while time.time() < deadline and proc.poll() is None:
+    if predicate():
+      return True
+    time.sleep(0.05)
+  return False
+
+
+@pytest.mark.multiprocess
+def test_resume_after_kill_continues_without_repeating_epochs(smoke_data, tmp_path):
+  model_dir = tmp_path / 'model'
+  args = ('--epochs', '3')
+  proc = _start(smoke_data, model_dir, *args)
+  # Kill -9 mid-epoch 2, after its first backup (global step 8 of 6 steps/epoch).
+  reached = _wait_for(lambda: (model_dir / 'checkpoints' / 'ckpt-8.index').exists(), proc)
+  proc.kill()
+  proc.communicate()
+  assert reached, 'the run ended before it could be interrupted'
+  assert [row['epoch'] for row in _history(model_dir)] == ['0']
+  proc = run_module('trainer.task', *SMOKE, '--data_dir', smoke_data, '--model_dir', model_dir,
+                    *args)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert 'resumed from' in proc.stdout and 'epoch 1/3' not in proc.stdout
+  assert [row['epoch'] for row in _history(model_dir)] == ['0', '1', '2']
+  # 3 epochs x 6 steps: the interrupted span was not trained twice.
+  assert tf.train.latest_checkpoint(str(model_dir / 'checkpoints')).endswith('ckpt-18')
+
+
+@pytest.mark.multiprocess
+def test_sigterm_saves_a_backup_and_exits_retryable(smoke_data, tmp_path):
+  model_dir = tmp_path / 'model'
+  proc = _start(smoke_data, model_dir, '--epochs', '200')
+  started = _wait_for(lambda: (model_dir / 'history.csv').exists(), proc)
+  proc.send_signal(signal.SIGTERM)
+  _, stderr = proc.communicate(timeout=120)
+  assert started
+  assert proc.returncode == 75, stderr[-3000:]
+  assert 'preempted' in stderr and 'Traceback' not in stderr
+  latest = tf.train.latest_checkpoint(str(model_dir / 'checkpoints'))
+  reader = tf.train.load_checkpoint(latest)
+  epoch = int(reader.get_tensor('epoch/.ATTRIBUTES/VARIABLE_VALUE'))
+  step = int(reader.get_tensor('step_in_epoch/.ATTRIBUTES/VARIABLE_VALUE'))
+  assert int(latest.rsplit('-', 1)[1]) == epoch * 6 + step
+
+
+def test_summary_only_prints_the_keras_summary():
+  proc = run_module('trainer.task', '--config', 'seed_unet', '--summary_only', '--num_classes',
+                    '11')
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert 'Total params: 34,543,179' in proc.stdout
+  assert 'enc1_conv1 (Conv2D)' in proc.stdout
+
+
+@pytest.mark.parametrize('args, message', [
+    (('--data_dir', '{missing}'), 'manifest.json: not found'),
+    (('--data_dir', '{empty}'), 'manifest.json: not found'),
+    (('--config', 'nope'), 'unknown preset'),
+    (('--image_size', '10by10'), '--image_size 10by10: expected HxW'),
+    (('--image_size', '30x30'), 'image_size: 30x30 must be positive multiples'),
+    (('--hparams_file', '{hparams}'), 'unknown keys dropuot'),
+    (('--batch_size', '0'), 'batch_size: 0 is out of range'),
+])
+def test_bad_input_fails_before_training(smoke_data, tmp_path, args, message):
+  (tmp_path / 'empty').mkdir()
+  (tmp_path / 'hparams.json').write_text('{"dropuot": 0.2}')
+  paths = {'missing': tmp_path / 'missing', 'empty': tmp_path / 'empty',
+           'hparams': tmp_path / 'hparams.json'}
+  args = [a.format(**paths) for a in args]
+  if '--data_dir' not in args:
+    args += ['--data_dir', str(smoke_data)]
+  model_dir = tmp_path / 'model'
+  proc = run_module('trainer.task', *SMOKE, '--model_dir', model_dir, *args)
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  errors = [line for line in proc.stderr.splitlines() if line.startswith('error:')]
+  assert len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
+  assert 'Traceback' not in proc.stderr
+  assert not (model_dir / 'config.json').exists()

@@ -1,0 +1,10 @@
+"""Config presets and their overrides; see base.py for the fields and presets.py for the presets."""
+
+from trainer.configs.base import Config, FIELDS, from_json, override, validate
+from trainer.configs.presets import PRESETS
+
+
+def get_config(name: str) -> Config:
+  if name not in PRESETS:
+    raise ValueError(f'--config {name}: unknown preset (known: {", ".join(PRESETS)})')
+  return PRESETS[name]()

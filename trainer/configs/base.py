@@ -1,0 +1,149 @@
+"""The trainer's configuration: one dataclass holding every hyperparameter and run setting.
+
+Presets (presets.py) fill it in; `--hparams_file` and flags override single fields by name. The
+resolved config is written to model_dir/config.json before training, so every run records
+exactly what it did.
+"""
+
+import dataclasses
+import json
+import typing
+
+
+@dataclasses.dataclass
+class Config:
+  """Everything a training run depends on besides the data and the output dir."""
+  # Model (trainer/model.py).
+  base_filters: int = 64
+  depth: int = 4
+  dropout: float = 0.5
+  sync_batchnorm: bool = False
+  # Input pipeline (trainer/data.py). image_size is the model input (height, width): training
+  # crops and the size evaluation and serving resize frames to.
+  image_size: tuple[int, int] = (256, 256)
+  batch_size: int = 8  # Global, across all replicas and workers.
+  scale_min: float = 0.75  # Random scale range before cropping (1.0 = whole frame fits).
+  scale_max: float = 1.5
+  hflip: bool = True
+  brightness: float = 0.1  # Max brightness delta ([0, 1] pixel scale); 0 disables.
+  contrast: float = 0.1  # Contrast factor range 1 +/- contrast; 0 disables.
+  saturation: float = 0.1
+  shuffle_buffer: int = 512
+  # Optimisation.
+  epochs: int = 20
+  steps_per_epoch: int | None = None  # None = one pass over the training split.
+  optimizer: str = 'adamw'  # adamw | adam | sgd
+  learning_rate: float = 1e-3
+  lr_scaling: str = 'none'  # none | linear: learning_rate * batch_size / base_batch_size
+  base_batch_size: int = 8
+  weight_decay: float = 1e-4
+  lr_schedule: str = 'cosine'  # cosine | constant
+  warmup_epochs: float = 1.0
+  clipnorm: float | None = None
+  # Loss (trainer/losses.py).
+  loss: str = 'ce'  # ce | focal
+  focal_gamma: float = 2.0
+  class_weighting: str = 'none'  # none | median_frequency | inverse_sqrt
+  max_class_weight: float | None = None
+  # Evaluation.
+  eval_flip: bool = False  # Test-time horizontal flip averaging (also baked into the export).
+  eval_batch_size: int | None = None  # Global; None = batch_size.
+  # Runtime.
+  seed: int = 42
+  mixed_precision: str = 'auto'  # auto | float32 | mixed_float16 | mixed_bfloat16
+  strategy: str = 'auto'  # auto | default | mirrored | multi_worker
+  jit_compile: bool = False
+  steps_per_loop: int = 10  # Train steps per tf.function call (also the preemption-check period).
+  backup_every_steps: int = 100  # Resumable backup period, besides every epoch end.
+  num_summary_images: int = 3  # Fixed val frames shown as overlays in TensorBoard.
+  profile_steps: tuple[int, int] | None = None  # (first, last) global steps to trace.
+
+  def replace(self, **changes) -> 'Config':
+    return dataclasses.replace(self, **changes)
+
+  def to_json(self) -> str:
+    return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+
+_HINTS = typing.get_type_hints(Config)
+FIELDS = tuple(f.name for f in dataclasses.fields(Config))
+
+
+def _coerce(name: str, value):
+  """Converts a JSON/flag value to the field's type (tuples from lists, ints to floats)."""
+  hint = _HINTS[name]
+  optional = type(None) in typing.get_args(hint)
+  if value is None:
+    if optional:
+      return None
+    raise ValueError(f'{name}: may not be null')
+  base = next(a for a in typing.get_args(hint) if a is not type(None)) if optional else hint
+  origin = typing.get_origin(base) or base
+  if origin is tuple:
+    if not isinstance(value, (list, tuple)) or len(value) != len(typing.get_args(base)):
+      raise ValueError(f'{name}: expected a list of {len(typing.get_args(base))} values, '
+                       f'got {value!r}')
+    return tuple(_coerce_scalar(name, typing.get_args(base)[0], v) for v in value)
+  return _coerce_scalar(name, origin, value)
+
+
+def _coerce_scalar(name, kind, value):
+  if kind is bool:
+    if not isinstance(value, bool):
+      raise ValueError(f'{name}: expected true or false, got {value!r}')
+    return value
+  if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+    return float(value)
+  if kind is int and isinstance(value, int) and not isinstance(value, bool):
+    return value
+  if kind is str and isinstance(value, str):
+    return value
+  raise ValueError(f'{name}: expected {kind.__name__}, got {value!r}')
+
+
+def override(config: Config, overrides: dict, source: str) -> Config:
+  """Returns `config` with `overrides` applied; ValueError naming `source` for unknown keys."""
+  unknown = sorted(set(overrides) - set(FIELDS))
+  if unknown:
+    raise ValueError(f'{source}: unknown keys {", ".join(unknown)} (known: {", ".join(FIELDS)})')
+  try:
+    return config.replace(**{k: _coerce(k, v) for k, v in overrides.items()})
+  except ValueError as e:
+    raise ValueError(f'{source}: {e}') from None
+
+
+def from_json(text: str, source: str) -> Config:
+  return override(Config(), json.loads(text), source)
+
+
+_CHOICES = {
+    'optimizer': ('adamw', 'adam', 'sgd'), 'lr_scaling': ('none', 'linear'),
+    'lr_schedule': ('cosine', 'constant'), 'loss': ('ce', 'focal'),
+    'class_weighting': ('none', 'median_frequency', 'inverse_sqrt'),
+    'mixed_precision': ('auto', 'float32', 'mixed_float16', 'mixed_bfloat16'),
+    'strategy': ('auto', 'default', 'mirrored', 'multi_worker'),
+}
+
+
+def validate(config: Config) -> None:
+  """Raises ValueError naming the field for any value the trainer cannot use."""
+  for name, choices in _CHOICES.items():
+    if getattr(config, name) not in choices:
+      raise ValueError(f'{name}: {getattr(config, name)!r} is not one of {", ".join(choices)}')
+  stride = 2**config.depth
+  if any(s <= 0 or s % stride for s in config.image_size):
+    raise ValueError(f'image_size: {config.image_size[0]}x{config.image_size[1]} must be '
+                     f'positive multiples of 2**depth = {stride}')
+  checks = {
+      'batch_size': config.batch_size >= 1, 'epochs': config.epochs >= 1,
+      'learning_rate': config.learning_rate > 0, 'dropout': 0 <= config.dropout < 1,
+      'scale_min': 0 < config.scale_min <= config.scale_max,
+      'steps_per_loop': config.steps_per_loop >= 1,
+      'steps_per_epoch': config.steps_per_epoch is None or config.steps_per_epoch >= 1,
+      'base_filters': config.base_filters >= 1, 'depth': config.depth >= 1,
+      'warmup_epochs': config.warmup_epochs >= 0,
+      'backup_every_steps': config.backup_every_steps >= 0,
+  }
+  for name, ok in checks.items():
+    if not ok:
+      raise ValueError(f'{name}: {getattr(config, name)!r} is out of range')

@@ -1,0 +1,57 @@
+"""Named presets. Each docstring gives the command that runs it and its measured result.
+
+A preset is a function returning a Config, so presets can build on each other without sharing
+mutable state.
+"""
+
+from trainer.configs.base import Config
+
+
+def seed_unet() -> Config:
+  """The original notebook's U-Net, layer for layer: 256x256 input, 64..1024 filters, dropout 0.5.
+
+  Command (a GPU cluster run; see README "seed_unet on a GPU cluster"):
+    python -m trainer.task --config seed_unet --data_dir gs://B/camvid --model_dir gs://B/runs/seed
+  Result: 34,543,179 parameters for 11 classes; cost per step measured in the README.
+  """
+  return Config(base_filters=64, depth=4, dropout=0.5, image_size=(256, 256), batch_size=8,
+                epochs=60, learning_rate=1e-3)
+
+
+def small() -> Config:
+  """A fast U-Net for the best val quality a 2-core CPU reaches in <= 30 minutes on real CamVid.
+
+  Command:
+    python -m trainer.task --config small --data_dir D --model_dir M
+  Result: not yet measured (quality issue); see README.
+  """
+  return Config(base_filters=16, depth=4, dropout=0.1, image_size=(192, 256), batch_size=8,
+                epochs=30, learning_rate=3e-3, class_weighting='median_frequency',
+                max_class_weight=10.0, eval_flip=True, scale_min=0.75, scale_max=1.5)
+
+
+def smoke() -> Config:
+  """Tiny and fast, for tests and the default demo: seconds per epoch on one CPU core.
+
+  Command:
+    python -m trainer.task --config smoke --data_dir D --model_dir M
+  Result: runs end to end on generated scenes in well under a minute (tests/test_task.py).
+  """
+  return Config(base_filters=4, depth=2, dropout=0.0, image_size=(32, 32), batch_size=4,
+                epochs=2, learning_rate=1e-2, warmup_epochs=0.0, shuffle_buffer=64,
+                steps_per_loop=2, backup_every_steps=4, num_summary_images=2)
+
+
+def demo() -> Config:
+  """The no-flags main job: a few minutes on a CPU, on generated scenes, to see everything work.
+
+  Command:
+    python -m trainer.task
+  Result: measured in the README ("Two commands").
+  """
+  return Config(base_filters=8, depth=3, dropout=0.0, image_size=(96, 128), batch_size=8,
+                epochs=6, learning_rate=5e-3, warmup_epochs=0.5, steps_per_loop=5,
+                backup_every_steps=20, num_summary_images=3)
+
+
+PRESETS = {'seed_unet': seed_unet, 'small': small, 'smoke': smoke, 'demo': demo}

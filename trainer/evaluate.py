@@ -1,0 +1,92 @@
+"""`python -m trainer.evaluate`: a report JSON for one split of a data dir, from a trained model_dir.
+
+    python -m trainer.evaluate --model_dir M --data_dir D --split S [--output F]
+
+Evaluates the best checkpoint (the latest backup if there is no best yet) with the run's own
+config (model_dir/config.json) through the trainer's evaluation code: metrics at label resolution,
+void excluded, classes absent from labels and predictions left out of the means. Writes
+{"split", "num_examples", "pixel_accuracy", "mean_iou", "per_class": {name: {"iou",
+"precision", "recall", "f1", "support"}}, "confusion_matrix"} (plus loss and macro means) to
+--output, or prints it.
+"""
+
+import json
+import logging
+import os
+import sys
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+from absl import app  # pylint: disable=g-import-not-at-top
+from absl import flags
+
+from tfrecords_builder.errors import InputError
+from trainer.errors import ConfigError, EXIT_CONFIG_ERROR
+
+_MODEL_DIR = flags.DEFINE_string('model_dir', None, 'A trainer model_dir (local or gs://).')
+_DATA_DIR = flags.DEFINE_string('data_dir', None, 'A tfrecords_builder output dir.')
+_SPLIT = flags.DEFINE_string('split', 'val', 'Split to evaluate (train, val or test).')
+_OUTPUT = flags.DEFINE_string('output', None, 'Where to write the JSON report (default: stdout).')
+
+
+def evaluate_model_dir(model_dir: str, data_dir: str, split: str) -> dict:
+  """Restores the best checkpoint of `model_dir` and evaluates `split` of `data_dir`."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from tfrecords_builder import manifest as manifest_lib  # pylint: disable=g-import-not-at-top
+  from trainer import distribution, train  # pylint: disable=g-import-not-at-top
+  model_dir = model_dir.rstrip('/')
+  config = train.load_config(model_dir)
+  manifest = manifest_lib.read(data_dir.rstrip('/'))
+  manifest.split(split)
+  checkpoint = (tf.train.latest_checkpoint(f'{model_dir}/best') or
+                tf.train.latest_checkpoint(f'{model_dir}/checkpoints'))
+  if not checkpoint:
+    raise ConfigError(f'{model_dir}: no checkpoint yet (best/ or checkpoints/); train first')
+  kind = 'mirrored' if len(tf.config.list_physical_devices('GPU')) > 1 else 'default'
+  runtime = distribution.create_runtime(kind, config.mixed_precision)
+  with runtime.strategy.scope():
+    model = train.build_model(config, manifest.num_classes)
+  status = tf.train.Checkpoint(model=model).restore(checkpoint).expect_partial()
+  try:
+    status.assert_existing_objects_matched()
+  except AssertionError:
+    raise ConfigError(f'{checkpoint}: does not match the model of {model_dir}/config.json with '
+                      f'{manifest.num_classes} classes from {data_dir}') from None
+  steps = train.make_steps(model, None, runtime.strategy, config, manifest.num_classes,
+                           train.class_weights_for(config, manifest))
+  result = train.evaluate(steps, runtime, manifest, split, config, manifest.class_names)
+  result['checkpoint'] = checkpoint
+  return result
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise ConfigError(f'unexpected arguments: {" ".join(argv[1:])}')
+  # TF's Python INFO lines (checkpoint sharding, SavedModel assets) drown the run's own log.
+  logging.getLogger('tensorflow').setLevel(logging.WARNING)
+  for flag in (_MODEL_DIR, _DATA_DIR):
+    if not flag.value:
+      raise ConfigError(f'--{flag.name} is required')
+  result = evaluate_model_dir(_MODEL_DIR.value, _DATA_DIR.value, _SPLIT.value)
+  text = json.dumps(result, indent=2) + '\n'
+  if _OUTPUT.value:
+    from tfrecords_builder.fileio import write_atomic  # pylint: disable=g-import-not-at-top
+    write_atomic(_OUTPUT.value, text)
+    print(f'{_SPLIT.value}: {result["num_examples"]} examples, mIoU {result["mean_iou"]:.4f}, '
+          f'pixel accuracy {result["pixel_accuracy"]:.4f} -> {_OUTPUT.value}')
+  else:
+    sys.stdout.write(text)
+  return 0
+
+
+def run():
+  """Console-script entry: user mistakes become one line on stderr and exit code 2."""
+  try:
+    app.run(main)
+  except InputError as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(EXIT_CONFIG_ERROR)
+
+
+if __name__ == '__main__':
+  run()

@@ -1,0 +1,174 @@
+"""`python -m trainer.task`: the trainer's flags -> a resolved config -> train.run(); nothing else.
+
+With no flags at all it runs the main job on an embedded default: generates CamVid-like scenes,
+builds TFRecords, trains the `demo` preset and evaluates, printing where everything went.
+
+Exit codes: 0 done; 2 configuration or data error (do not retry); 75 preempted by SIGTERM after
+saving a backup (rerun the same command to continue).
+"""
+
+import json
+import logging
+import os
+import sys
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+from absl import app  # pylint: disable=g-import-not-at-top
+from absl import flags
+
+from tfrecords_builder.errors import InputError
+from trainer import configs
+from trainer.errors import ConfigError, EXIT_CONFIG_ERROR, EXIT_PREEMPTED
+
+_DATA_DIR = flags.DEFINE_string('data_dir', None, 'tfrecords_builder output dir (local or '
+                                'gs://). Unset with no other flags: run the embedded demo.')
+_MODEL_DIR = flags.DEFINE_string('model_dir', None, 'Checkpoints, logs, exports (local or gs://); '
+                                 'default $AIP_MODEL_DIR. Rerunning resumes from it.')
+_CONFIG = flags.DEFINE_string('config', 'small', f'Preset: {", ".join(configs.PRESETS)}.')
+_EPOCHS = flags.DEFINE_integer('epochs', None, 'Override the preset\'s epochs.')
+_BATCH_SIZE = flags.DEFINE_integer('batch_size', None, 'Global batch size (all replicas).')
+_LEARNING_RATE = flags.DEFINE_float('learning_rate', None, 'Peak learning rate.')
+_DROPOUT = flags.DEFINE_float('dropout', None, 'Dropout rate.')
+_IMAGE_SIZE = flags.DEFINE_string('image_size', None, 'Model input HxW, e.g. 256x256.')
+_SEED = flags.DEFINE_integer('seed', None, 'Seed for shuffling, augmentation and init.')
+_STEPS_PER_EPOCH = flags.DEFINE_integer('steps_per_epoch', None,
+                                        'Fixed steps per epoch (default: one pass over train).')
+_HPARAMS_FILE = flags.DEFINE_string('hparams_file', None, 'JSON object of config overrides, e.g. '
+                                    'the tuner\'s best_hparams.json; flags win over it.')
+_STRATEGY = flags.DEFINE_enum('strategy', None, ['auto', 'default', 'mirrored', 'multi_worker'],
+                              'Distribution strategy (default auto: TF_CONFIG -> multi_worker, '
+                              'several GPUs -> mirrored, else default).')
+_MIXED_PRECISION = flags.DEFINE_enum(
+    'mixed_precision', None, ['auto', 'float32', 'mixed_float16', 'mixed_bfloat16'],
+    'auto: bf16 on GPUs with compute capability >= 8, fp16 on older GPUs, fp32 on CPU.')
+_PROFILE_STEPS = flags.DEFINE_string('profile_steps', None, 'FIRST,LAST global steps to trace '
+                                     'with the TensorBoard profiler (model_dir/logs/profile).')
+_SUMMARY_ONLY = flags.DEFINE_bool('summary_only', False,
+                                  'Print the model summary and exit without training.')
+_NUM_CLASSES = flags.DEFINE_integer('num_classes', None, 'Classes for --summary_only without '
+                                    '--data_dir.')
+_LOGICAL_CPUS = flags.DEFINE_integer('logical_cpu_devices', 0, 'Split the CPU into N logical '
+                                     'devices (exercises multi-replica code on CPU).')
+_DEMO_DIR = flags.DEFINE_string('demo_dir', '/tmp/camvid-seg-demo', 'Where the no-flags demo '
+                                'writes its scenes, TFRecords and model.')
+
+
+def parse_image_size(value: str) -> tuple[int, int]:
+  try:
+    height, width = (int(v) for v in value.lower().split('x'))
+  except ValueError:
+    raise ConfigError(f'--image_size {value}: expected HxW, e.g. 256x256') from None
+  return height, width
+
+
+def resolve_config(preset: str) -> configs.Config:
+  """Preset, then --hparams_file, then explicit flags."""
+  try:
+    config = configs.get_config(preset)
+    if _HPARAMS_FILE.value:
+      config = configs.override(config, _read_hparams(_HPARAMS_FILE.value),
+                                f'--hparams_file {_HPARAMS_FILE.value}')
+    overrides = {name: flag.value for name, flag in (
+        ('epochs', _EPOCHS), ('batch_size', _BATCH_SIZE), ('learning_rate', _LEARNING_RATE),
+        ('dropout', _DROPOUT), ('seed', _SEED), ('steps_per_epoch', _STEPS_PER_EPOCH),
+        ('strategy', _STRATEGY), ('mixed_precision', _MIXED_PRECISION)) if flag.value is not None}
+    if _IMAGE_SIZE.value:
+      overrides['image_size'] = parse_image_size(_IMAGE_SIZE.value)
+    if _PROFILE_STEPS.value:
+      try:
+        overrides['profile_steps'] = tuple(int(v) for v in _PROFILE_STEPS.value.split(','))
+      except ValueError:
+        raise ConfigError(f'--profile_steps {_PROFILE_STEPS.value}: expected FIRST,LAST') from None
+    config = configs.override(config, overrides, 'flags')
+    configs.validate(config)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  return config
+
+
+def _read_hparams(path: str) -> dict:
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  try:
+    with tf.io.gfile.GFile(path) as f:
+      values = json.load(f)
+  except tf.errors.NotFoundError:
+    raise ConfigError(f'--hparams_file {path}: not found') from None
+  except json.JSONDecodeError as e:
+    raise ConfigError(f'--hparams_file {path}: not valid JSON ({e})') from None
+  if not isinstance(values, dict):
+    raise ConfigError(f'--hparams_file {path}: expected a JSON object of config overrides')
+  return values
+
+
+def summary_only(config: configs.Config) -> None:
+  from tfrecords_builder import manifest as manifest_lib  # pylint: disable=g-import-not-at-top
+  from trainer import train  # pylint: disable=g-import-not-at-top
+  if _DATA_DIR.value:
+    num_classes = manifest_lib.read(_DATA_DIR.value).num_classes
+  elif _NUM_CLASSES.value:
+    num_classes = _NUM_CLASSES.value
+  else:
+    raise ConfigError('--summary_only: give --data_dir (classes from its manifest) or '
+                      '--num_classes')
+  train.build_model(config, num_classes).summary()
+
+
+def run_demo() -> None:
+  """The embedded default: scenes -> TFRecords -> train -> evaluate, all under --demo_dir."""
+  from tfrecords_builder import synthetic, writer  # pylint: disable=g-import-not-at-top
+  from trainer import train  # pylint: disable=g-import-not-at-top
+  root = _DEMO_DIR.value.rstrip('/')
+  raw, records, model_dir = f'{root}/scenes', f'{root}/tfrecords', f'{root}/model'
+  if not os.path.exists(f'{raw}/class_dict.csv'):
+    print(f'generating CamVid-like scenes in {raw}')
+    synthetic.generate(raw, 'kaggle', {'train': 64, 'val': 16}, (256, 192), seed=0)
+  writer.build(raw, records, num_workers=None)
+  result = train.run(resolve_config('demo'), records, model_dir, log=print)
+  print(f'\nscenes:      {raw}\ntfrecords:   {records}\nmodel_dir:   {model_dir}\n'
+        f'metrics:     {model_dir}/metrics.json (val mIoU {result["mean_iou"]:.3f}, '
+        f'pixel accuracy {result["pixel_accuracy"]:.3f})\nexport:      {model_dir}/export\n'
+        f'tensorboard: tensorboard --logdir {model_dir}/logs')
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise ConfigError(f'unexpected arguments: {" ".join(argv[1:])}')
+  # TF's Python INFO lines (checkpoint sharding, SavedModel assets) drown the run's own log.
+  logging.getLogger('tensorflow').setLevel(logging.WARNING)
+  if _LOGICAL_CPUS.value:
+    from trainer import distribution  # pylint: disable=g-import-not-at-top
+    distribution.configure_logical_cpus(_LOGICAL_CPUS.value)
+  explicit = [name for name in flags.FLAGS if flags.FLAGS[name].present and name != 'demo_dir']
+  if not explicit:
+    run_demo()
+    return 0
+  config = resolve_config(_CONFIG.value)
+  if _SUMMARY_ONLY.value:
+    summary_only(config)
+    return 0
+  from trainer import distribution, train  # pylint: disable=g-import-not-at-top
+  model_dir = _MODEL_DIR.value or distribution.vertex_ai_dirs().get('model_dir')
+  if not _DATA_DIR.value:
+    raise ConfigError('--data_dir is required (a tfrecords_builder output dir)')
+  if not model_dir:
+    raise ConfigError('--model_dir is required (or set AIP_MODEL_DIR)')
+  train.run(config, _DATA_DIR.value, model_dir, log=print)
+  return 0
+
+
+def run():
+  """Console-script entry: user mistakes become one line on stderr and exit code 2."""
+  from trainer.train import Preempted  # pylint: disable=g-import-not-at-top
+  try:
+    app.run(main)
+  except InputError as e:  # ConfigError is an InputError.
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(EXIT_CONFIG_ERROR)
+  except Preempted as e:
+    print(f'preempted: {e}; rerun the same command to continue', file=sys.stderr)
+    sys.exit(EXIT_PREEMPTED)
+
+
+if __name__ == '__main__':
+  run()

@@ -1,0 +1,398 @@
+"""The training loop: one custom distributed loop for every strategy, with resume and preemption.
+
+Keras 3's `model.fit`, its metric reduction and `BackupAndRestore` break under
+MultiWorkerMirroredStrategy in TF 2.21 (keras-team/keras#20585, tensorflow/tensorflow#72388), so
+training runs `strategy.run` over distributed datasets and checkpoints with
+`tf.train.CheckpointManager`, as TF Model Garden's Orbit does. The same code runs under the
+default strategy, MirroredStrategy and MultiWorkerMirroredStrategy.
+
+model_dir layout:
+  config.json            resolved config (chief, before training)
+  checkpoints/           last + resumable backups (every backup_every_steps and each epoch)
+  best/                  best-by-val-mIoU weights
+  logs/{train,val}/      TensorBoard
+  history.csv            one row per completed epoch (see history.py)
+  export/                model.keras, serving/ SavedModel, labels.json
+  metrics.json           evaluation of the best checkpoint on val
+"""
+
+import dataclasses
+import json
+import logging
+import math
+import signal
+import threading
+import time
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from tfrecords_builder import manifest as manifest_lib
+from tfrecords_builder.fileio import write_atomic
+from trainer import configs
+from trainer import data
+from trainer import distribution
+from trainer import export as export_lib
+from trainer import history as history_lib
+from trainer import losses
+from trainer import metrics as metrics_lib
+from trainer import model as model_lib
+from trainer import summaries as summaries_lib
+from trainer.errors import ConfigError
+
+CONFIG_NAME = 'config.json'
+METRICS_NAME = 'metrics.json'
+
+
+class Preempted(Exception):
+  """Raised after a SIGTERM once the backup is saved; the entry point exits retryably."""
+
+
+def build_model(config: configs.Config, num_classes: int) -> keras.Model:
+  return model_lib.build_unet(num_classes, image_size=config.image_size,
+                              base_filters=config.base_filters, depth=config.depth,
+                              dropout=config.dropout, sync_batchnorm=config.sync_batchnorm)
+
+
+def class_weights_for(config: configs.Config, manifest) -> np.ndarray | None:
+  if config.class_weighting == 'none':
+    return None
+  return losses.class_weights_from_counts(manifest.split('train')['class_pixel_counts'],
+                                          config.class_weighting, config.max_class_weight)
+
+
+def peak_learning_rate(config: configs.Config) -> float:
+  if config.lr_scaling == 'linear':
+    return config.learning_rate * config.batch_size / config.base_batch_size
+  return config.learning_rate
+
+
+def make_optimizer(config: configs.Config, total_steps: int,
+                   steps_per_epoch: int) -> keras.optimizers.Optimizer:
+  """Optimizer and schedule from the config (warm-up, then cosine decay to zero)."""
+  peak = peak_learning_rate(config)
+  warmup = min(int(round(config.warmup_epochs * steps_per_epoch)), total_steps - 1)
+  if config.lr_schedule == 'cosine':
+    schedule = keras.optimizers.schedules.CosineDecay(
+        initial_learning_rate=0.0 if warmup else peak, decay_steps=max(total_steps - warmup, 1),
+        warmup_target=peak if warmup else None, warmup_steps=warmup)
+  else:
+    schedule = peak
+  common = {'learning_rate': schedule, 'clipnorm': config.clipnorm}
+  if config.optimizer == 'adamw':
+    optimizer = keras.optimizers.AdamW(weight_decay=config.weight_decay, **common)
+    # Decaying BatchNorm scales/offsets and biases only fights the normalisation.
+    optimizer.exclude_from_weight_decay(var_names=['gamma', 'beta', 'bias'])
+  elif config.optimizer == 'adam':
+    optimizer = keras.optimizers.Adam(**common)
+  else:
+    optimizer = keras.optimizers.SGD(momentum=0.9, nesterov=True, **common)
+  if keras.mixed_precision.global_policy().name == 'mixed_float16':
+    optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+  return optimizer
+
+
+def current_learning_rate(optimizer) -> float:
+  lr = optimizer.learning_rate
+  return float(lr.numpy() if hasattr(lr, 'numpy') else lr)
+
+
+@dataclasses.dataclass
+class Steps:
+  """Compiled step functions; each returns sums the caller reduces into epoch metrics."""
+  train: tf.types.experimental.GenericFunction
+  evaluate: tf.types.experimental.GenericFunction
+  agree: tf.types.experimental.GenericFunction
+
+
+def make_steps(model, optimizer, strategy, config, num_classes, class_weights) -> Steps:
+  """Builds the distributed train loop, eval loop and a cross-worker flag agreement."""
+  loss_kw = {'class_weights': class_weights, 'loss_type': config.loss,
+             'focal_gamma': config.focal_gamma}
+  scale_loss = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
+
+  def train_step(batch):
+    with tf.GradientTape() as tape:
+      logits = model(batch['image'], training=True)
+      loss_sum, weight_sum = losses.pixel_loss_sum(batch['mask'], logits, **loss_kw)
+      # The exact global weighted mean: gradients are summed over replicas by the optimizer.
+      global_weight = tf.distribute.get_replica_context().all_reduce('sum', weight_sum)
+      loss = loss_sum / tf.maximum(global_weight, 1e-6)
+      scaled = optimizer.scale_loss(loss) if scale_loss else loss
+    grads = tape.gradient(scaled, model.trainable_variables)
+    optimizer.apply_gradients(zip(grads, model.trainable_variables))
+    predictions = tf.argmax(logits, -1, output_type=tf.int32)
+    cm = metrics_lib.confusion_matrix(batch['mask'], predictions, num_classes)
+    return loss_sum, weight_sum, cm
+
+  def reduce(values):
+    return [strategy.reduce('sum', v, axis=None) for v in values]
+
+  @tf.function(jit_compile=config.jit_compile or None)
+  def train_loop(iterator, num_steps):
+    totals = [tf.constant(0.0), tf.constant(0.0), tf.zeros([num_classes] * 2, tf.int64)]
+    for _ in tf.range(num_steps):
+      step_totals = reduce(strategy.run(train_step, args=(next(iterator),)))
+      totals = [a + b for a, b in zip(totals, step_totals)]
+    return totals
+
+  def eval_step(batch):
+    images = batch['image']
+    logits = model(images, training=False)
+    if config.eval_flip:
+      flipped = model(tf.reverse(images, [2]), training=False)
+      logits = (logits + tf.reverse(flipped, [2])) / 2
+    # Metrics at label resolution: predictions go up, labels never down.
+    logits = tf.image.resize(logits, tf.shape(batch['mask'])[1:3], method='bilinear')
+    valid = tf.cast(batch['valid'], tf.float32)
+    loss_sum, weight_sum = losses.pixel_loss_sum(batch['mask'], logits, sample_weight=valid,
+                                                 **loss_kw)
+    predictions = tf.argmax(logits, -1, output_type=tf.int32)
+    cm = metrics_lib.confusion_matrix(batch['mask'], predictions, num_classes,
+                                      sample_weight=valid)
+    return loss_sum, weight_sum, cm, tf.reduce_sum(tf.cast(batch['valid'], tf.int64))
+
+  @tf.function(reduce_retracing=True)
+  def eval_loop(iterator, num_steps):
+    totals = [tf.constant(0.0), tf.constant(0.0), tf.zeros([num_classes] * 2, tf.int64),
+              tf.constant(0, tf.int64)]
+    for _ in tf.range(num_steps):
+      step_totals = reduce(strategy.run(eval_step, args=(next(iterator),)))
+      totals = [a + b for a, b in zip(totals, step_totals)]
+    return totals
+
+  @tf.function
+  def agree(flag):
+    # Any worker's flag stops every worker at the same step (collectives must stay in step).
+    per_replica = strategy.run(lambda: tf.cast(flag, tf.int32))
+    return strategy.reduce('sum', per_replica, axis=None) > 0
+
+  return Steps(train=train_loop, evaluate=eval_loop, agree=agree)
+
+
+def evaluate(steps: Steps, runtime, manifest, split: str, config, class_names) -> dict:
+  """Distributed evaluation of `split`: every example counted exactly once, padding masked."""
+  dataset = runtime.strategy.distribute_datasets_from_function(
+      lambda ctx: data.eval_dataset(manifest, split, config, ctx))
+  num_steps = data.eval_steps(manifest, split, config, runtime.num_replicas,
+                              runtime.num_workers)
+  loss_sum, weight_sum, cm, count = steps.evaluate(iter(dataset), tf.constant(num_steps))
+  result = {'split': split, 'num_examples': int(count),
+            'loss': float(loss_sum / max(float(weight_sum), 1e-6))}
+  result.update(metrics_lib.compute_metrics(cm.numpy(), class_names))
+  return result
+
+
+class _SigtermFlag:
+  """Turns SIGTERM (pod preemption) into a flag the loop checks between step groups."""
+
+  def __init__(self):
+    self.event = threading.Event()
+    self._previous = None
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, lambda *_: self.event.set())
+    return self
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+class _Profiler:
+  """Traces global steps [first, last] for TensorBoard's profiler (--profile_steps)."""
+
+  def __init__(self, steps, log_dir: str, log):
+    self._steps, self._log_dir, self._log, self._active = steps, log_dir, log, False
+
+  def before(self, step: int) -> None:
+    if self._steps and not self._active and self._steps[0] <= step + 1 <= self._steps[1]:
+      tf.profiler.experimental.start(self._log_dir)
+      self._active = True
+
+  def after(self, step: int) -> None:
+    if self._active and step >= self._steps[1]:
+      tf.profiler.experimental.stop()
+      self._active = False
+      self._steps = None
+      self._log(f'profile written to {self._log_dir}')
+
+
+def load_config(model_dir: str) -> configs.Config:
+  """The resolved config a run recorded in model_dir/config.json (run facts dropped)."""
+  path = f'{model_dir.rstrip("/")}/{CONFIG_NAME}'
+  if not tf.io.gfile.exists(path):
+    raise ConfigError(f'{path}: not found; is {model_dir} a trainer model_dir?')
+  with tf.io.gfile.GFile(path) as f:
+    values = json.load(f)
+  return configs.override(configs.Config(),
+                          {k: v for k, v in values.items() if k in configs.FIELDS}, path)
+
+
+def _write_json(path: str, value) -> None:
+  write_atomic(path, json.dumps(value, indent=2) + '\n')
+
+
+def run(config: configs.Config, data_dir: str, model_dir: str, *,
+        runtime: distribution.Runtime | None = None, log=logging.info) -> dict:
+  """Trains, evaluates the best checkpoint on val, exports; returns the final metrics.
+
+  Re-running the same call continues from the last backup in model_dir.
+
+  Raises:
+    ConfigError / InputError: bad config or data, before any training.
+    Preempted: SIGTERM received; a backup was saved first.
+  """
+  configs.validate(config)
+  model_dir = model_dir.rstrip('/')
+  manifest = manifest_lib.read(data_dir.rstrip('/'))
+  for split in ('train', 'val'):
+    manifest.split(split)
+  runtime = runtime or distribution.create_runtime(config.strategy, config.mixed_precision)
+  strategy = runtime.strategy
+  data.check_batch(config.batch_size, runtime.num_replicas, '--batch_size')
+  data.check_batch(config.eval_batch_size or config.batch_size, runtime.num_replicas,
+                   'eval_batch_size')
+  num_classes, class_names = manifest.num_classes, manifest.class_names
+  steps_per_epoch = config.steps_per_epoch or data.steps_per_pass(
+      manifest, 'train', config.batch_size, runtime.num_workers)
+  total_steps = steps_per_epoch * config.epochs
+  log(f'distribution: {runtime.describe()}')
+  log(f'batch: global {config.batch_size}, per replica '
+      f'{config.batch_size // runtime.num_replicas}; learning rate {peak_learning_rate(config):g}'
+      f' (scaling: {config.lr_scaling}); {steps_per_epoch} steps/epoch, {config.epochs} epochs')
+
+  resolved = dataclasses.asdict(config) | {'resolved_precision': runtime.precision,
+                                           'strategy_used': runtime.kind,
+                                           'num_replicas': runtime.num_replicas,
+                                           'num_workers': runtime.num_workers,
+                                           'data_dir': data_dir}
+  if runtime.is_chief:
+    tf.io.gfile.makedirs(model_dir)
+    _write_json(f'{model_dir}/{CONFIG_NAME}', resolved)
+
+  class_weights = class_weights_for(config, manifest)
+  if class_weights is not None:
+    log('class weights: ' + ', '.join(f'{n} {w:.2f}' for n, w in zip(class_names,
+                                                                      class_weights)))
+
+  with strategy.scope():
+    model = build_model(config, num_classes)
+    optimizer = make_optimizer(config, total_steps, steps_per_epoch)
+    optimizer.build(model.trainable_variables)
+    epoch_var = tf.Variable(0, dtype=tf.int64, trainable=False, name='epoch')
+    step_in_epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name='step_in_epoch')
+    best_miou = tf.Variable(-1.0, dtype=tf.float64, trainable=False, name='best_miou')
+  checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, epoch=epoch_var,
+                                   step_in_epoch=step_in_epoch, best_miou=best_miou)
+  ckpt_dir, best_dir = f'{model_dir}/checkpoints', f'{model_dir}/best'
+  latest = tf.train.latest_checkpoint(ckpt_dir)
+  if latest:
+    checkpoint.restore(latest).assert_existing_objects_matched()
+    log(f'resumed from {latest}: epoch {int(epoch_var)}, step {int(step_in_epoch)} of it')
+  manager = tf.train.CheckpointManager(checkpoint, distribution.write_dir(ckpt_dir, runtime),
+                                       max_to_keep=2)
+  best_manager = tf.train.CheckpointManager(tf.train.Checkpoint(model=model),
+                                            distribution.write_dir(best_dir, runtime),
+                                            max_to_keep=1)
+
+  def save(target):
+    target.save(checkpoint_number=optimizer.iterations)
+    distribution.cleanup_write_dir(target.directory, runtime)
+
+  history_path = f'{model_dir}/{history_lib.HISTORY_NAME}'
+  rows = history_lib.completed(history_lib.read(history_path), int(epoch_var))
+  summaries = summaries_lib.Summaries(f'{model_dir}/logs' if runtime.is_chief else None,
+                                      class_names, manifest.class_colors)
+  fixed_frames = (data.first_examples(manifest, 'val', config, config.num_summary_images)
+                  if runtime.is_chief else [])
+  steps = make_steps(model, optimizer, strategy, config, num_classes, class_weights)
+
+  profiler = _Profiler(config.profile_steps if runtime.is_chief else None,
+                       f'{model_dir}/logs/profile', log)
+  with _SigtermFlag() as sigterm:
+    while int(epoch_var) < config.epochs:
+      epoch, start_step = int(epoch_var), int(step_in_epoch)
+      started = time.perf_counter()
+      dataset = strategy.distribute_datasets_from_function(
+          lambda ctx, e=epoch, s=start_step: data.train_dataset(manifest, config, ctx, e, s))
+      iterator = iter(dataset)
+      totals = [0.0, 0.0, np.zeros([num_classes] * 2, np.int64)]
+      step = start_step
+      while step < steps_per_epoch:
+        until_backup = (config.backup_every_steps - int(optimizer.iterations) %
+                        config.backup_every_steps) if config.backup_every_steps else math.inf
+        n = int(min(config.steps_per_loop, steps_per_epoch - step, until_backup))
+        profiler.before(int(optimizer.iterations))
+        out = steps.train(iterator, tf.constant(n))
+        totals = [a + b.numpy() for a, b in zip(totals, out)]
+        step += n
+        step_in_epoch.assign(step)
+        profiler.after(int(optimizer.iterations))
+        if config.backup_every_steps and int(optimizer.iterations) % config.backup_every_steps == 0:
+          save(manager)
+        if bool(steps.agree(tf.constant(sigterm.event.is_set()))):
+          save(manager)
+          raise Preempted(f'SIGTERM: saved a backup at epoch {epoch} step {step}')
+      train_result = {'loss': float(totals[0] / max(totals[1], 1e-6))}
+      train_result.update(metrics_lib.compute_metrics(totals[2], class_names))
+      val_result = evaluate(steps, runtime, manifest, 'val', config, class_names)
+      seconds = time.perf_counter() - started
+      lr = current_learning_rate(optimizer)
+      log(f'epoch {epoch + 1}/{config.epochs}: loss {train_result["loss"]:.4f}, val loss '
+          f'{val_result["loss"]:.4f}, val pixel acc {val_result["pixel_accuracy"]:.4f}, val mIoU '
+          f'{val_result["mean_iou"]:.4f} ({seconds:.1f} s)')
+      summaries.epoch(epoch, train_result, val_result, lr)
+      if fixed_frames:
+        images = np.stack([f['image'] for f in fixed_frames])
+        logits = model(images, training=False)
+        summaries.overlays(epoch, fixed_frames, list(np.argmax(logits, -1)))
+      summaries.flush()
+      # The history row goes first: a crash before the checkpoint below makes the epoch rerun
+      # and its row be replaced, never duplicated or lost.
+      rows = history_lib.completed(rows, epoch) + [{
+          'epoch': epoch, 'train_loss': train_result['loss'],
+          'train_pixel_accuracy': train_result['pixel_accuracy'],
+          'train_mean_iou': train_result['mean_iou'], 'val_loss': val_result['loss'],
+          'val_pixel_accuracy': val_result['pixel_accuracy'],
+          'val_mean_iou': val_result['mean_iou'], 'learning_rate': lr,
+          'seconds': round(seconds, 2)}]
+      if runtime.is_chief:
+        history_lib.write(history_path, rows)
+      if (val_result['mean_iou'] or 0.0) > float(best_miou):
+        best_miou.assign(val_result['mean_iou'])
+        save(best_manager)
+      epoch_var.assign(epoch + 1)
+      step_in_epoch.assign(0)
+      save(manager)
+
+  if not runtime.is_chief:
+    return {}
+  return finish(config, manifest, model_dir, best_dir, runtime, log)
+
+
+def finish(config, manifest, model_dir: str, best_dir: str, runtime, log) -> dict:
+  """Chief only: evaluates the best checkpoint on val, writes metrics.json, exports.
+
+  Runs on a fresh single-device model restored from the checkpoint, so no collective op (which
+  the other workers would have to join) is involved.
+  """
+  best = tf.train.latest_checkpoint(best_dir)
+  single = distribution.Runtime(strategy=tf.distribute.get_strategy(), kind='default',
+                                is_chief=True, worker_index=0, num_workers=1,
+                                precision=runtime.precision)
+  model = build_model(config, manifest.num_classes)
+  tf.train.Checkpoint(model=model).restore(best).expect_partial().assert_existing_objects_matched()
+  steps = make_steps(model, None, single.strategy, config, manifest.num_classes,
+                     class_weights_for(config, manifest))
+  result = evaluate(steps, single, manifest, 'val', config, manifest.class_names)
+  result['checkpoint'] = best
+  _write_json(f'{model_dir}/{METRICS_NAME}', result)
+  export_lib.export_model(model, f'{model_dir}/export', image_size=config.image_size,
+                          class_names=manifest.class_names, class_colors=manifest.class_colors,
+                          ignore_label=manifest.ignore_label, flip=config.eval_flip)
+  log(f'best checkpoint {best}: val mIoU {result["mean_iou"]:.4f}, pixel accuracy '
+      f'{result["pixel_accuracy"]:.4f}; exported to {model_dir}/export')
+  return result
