@@ -6,8 +6,9 @@ The only module that knows about TF_CONFIG and worker roles; the rest asks `Runt
 
 import dataclasses
 import json
-import logging
 import os
+import select
+import signal
 
 import keras
 import tensorflow as tf
@@ -111,7 +112,7 @@ def choose_precision(mode: str) -> str:
 
 
 def create_runtime(kind: str = 'auto', precision: str = 'auto',
-                   timeout_seconds: int = 600) -> Runtime:
+                   timeout_seconds: int = 300) -> Runtime:
   """Chooses and creates the strategy (call once, before building any model)."""
   spec = tf_config_from_env()
   if kind == 'auto':
@@ -127,8 +128,15 @@ def create_runtime(kind: str = 'auto', precision: str = 'auto',
     if spec is None:
       raise ConfigError('--strategy multi_worker: needs TF_CONFIG or an Indexed Job environment')
     os.environ['TF_CONFIG'] = json.dumps(spec)
+    # Collectives (every all-reduce) fail after the timeout instead of waiting for a dead peer.
     options = tf.distribute.experimental.CommunicationOptions(timeout_seconds=timeout_seconds)
-    strategy = tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
+    peers = ', '.join(h for hosts in spec['cluster'].values() for h in hosts)
+    strategy = _bounded(
+        timeout_seconds,
+        f'worker {spec["task"]["type"]}:{spec["task"]["index"]} could not form the cluster with '
+        f'{peers} within {timeout_seconds} s (peers down, wrong host names or a firewall); '
+        'exiting so the Job can restart the worker',
+        lambda: tf.distribute.MultiWorkerMirroredStrategy(communication_options=options))
     resolver = strategy.cluster_resolver
     task_type, index = resolver.task_type, resolver.task_id
     is_chief = task_type == 'chief' or (task_type == 'worker' and index == 0 and
@@ -147,6 +155,30 @@ def create_runtime(kind: str = 'auto', precision: str = 'auto',
   runtime = Runtime(strategy=strategy, kind=kind, is_chief=is_chief, worker_index=index,
                     num_workers=num_workers, precision=precision)
   return runtime
+
+
+def _bounded(seconds: int, message: str, fn):
+  """Runs fn(); if it has not returned after `seconds`, prints `message` and kills the process.
+
+  Creating MultiWorkerMirroredStrategy blocks in C++ until every peer has registered, with no
+  deadline a caller can set, and it holds the GIL, so no Python thread or signal handler can
+  interrupt it. A forked watchdog process (it runs no TensorFlow) is the one reliable bound.
+  """
+  read_end, write_end = os.pipe()
+  pid = os.fork()
+  if pid == 0:
+    os.close(write_end)
+    ready, _, _ = select.select([read_end], [], [], seconds)
+    if not ready:
+      os.write(2, f'error: {message}\n'.encode())
+      os.kill(os.getppid(), signal.SIGKILL)
+    os._exit(0)  # pylint: disable=protected-access
+  os.close(read_end)
+  try:
+    return fn()
+  finally:
+    os.close(write_end)  # Wakes the watchdog, which exits quietly.
+    os.waitpid(pid, 0)
 
 
 def write_dir(path: str, runtime: Runtime) -> str:

@@ -8,7 +8,10 @@ from tfrecords_builder.errors import InputError
 
 EXIT_CONFIG_ERROR = 2  # Bad flags, config, TF_CONFIG or data: do not retry.
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: SIGTERM received, checkpoint saved, rerun to continue.
+# A worker that cannot form the cluster within peer_timeout_seconds is killed by its watchdog
+# (SIGKILL, exit 137 in a container): counted as an ordinary, retryable failure.
 
 
 class ConfigError(InputError):
   """A configuration mistake (flags, presets, hparams, cluster spec); message names the source."""
+

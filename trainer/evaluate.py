@@ -19,6 +19,7 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags
+from absl import logging as absl_logging
 
 from tfrecords_builder.errors import InputError
 from trainer.errors import ConfigError, EXIT_CONFIG_ERROR
@@ -63,6 +64,7 @@ def main(argv):
   if len(argv) > 1:
     raise ConfigError(f'unexpected arguments: {" ".join(argv[1:])}')
   # TF's Python INFO lines (checkpoint sharding, SavedModel assets) drown the run's own log.
+  absl_logging.set_verbosity(absl_logging.WARNING)
   logging.getLogger('tensorflow').setLevel(logging.WARNING)
   for flag in (_MODEL_DIR, _DATA_DIR):
     if not flag.value:

@@ -16,6 +16,7 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags
+from absl import logging as absl_logging
 
 from tfrecords_builder.errors import InputError
 from trainer import configs
@@ -135,6 +136,7 @@ def main(argv):
   if len(argv) > 1:
     raise ConfigError(f'unexpected arguments: {" ".join(argv[1:])}')
   # TF's Python INFO lines (checkpoint sharding, SavedModel assets) drown the run's own log.
+  absl_logging.set_verbosity(absl_logging.WARNING)
   logging.getLogger('tensorflow').setLevel(logging.WARNING)
   if _LOGICAL_CPUS.value:
     from trainer import distribution  # pylint: disable=g-import-not-at-top

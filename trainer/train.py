@@ -250,7 +250,8 @@ def run(config: configs.Config, data_dir: str, model_dir: str, *,
   manifest = manifest_lib.read(data_dir.rstrip('/'))
   for split in ('train', 'val'):
     manifest.split(split)
-  runtime = runtime or distribution.create_runtime(config.strategy, config.mixed_precision)
+  runtime = runtime or distribution.create_runtime(config.strategy, config.mixed_precision,
+                                                   config.peer_timeout_seconds)
   strategy = runtime.strategy
   data.check_batch(config.batch_size, runtime.num_replicas, '--batch_size')
   data.check_batch(config.eval_batch_size or config.batch_size, runtime.num_replicas,
@@ -282,9 +283,10 @@ def run(config: configs.Config, data_dir: str, model_dir: str, *,
     model = build_model(config, num_classes)
     optimizer = make_optimizer(config, total_steps, steps_per_epoch)
     optimizer.build(model.trainable_variables)
-    epoch_var = tf.Variable(0, dtype=tf.int64, trainable=False, name='epoch')
-    step_in_epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name='step_in_epoch')
-    best_miou = tf.Variable(-1.0, dtype=tf.float64, trainable=False, name='best_miou')
+  # Bookkeeping only the Python loop reads: plain variables, identical on every worker.
+  epoch_var = tf.Variable(0, dtype=tf.int64, trainable=False, name='epoch')
+  step_in_epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name='step_in_epoch')
+  best_miou = tf.Variable(-1.0, dtype=tf.float64, trainable=False, name='best_miou')
   checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, epoch=epoch_var,
                                    step_in_epoch=step_in_epoch, best_miou=best_miou)
   ckpt_dir, best_dir = f'{model_dir}/checkpoints', f'{model_dir}/best'
@@ -298,16 +300,20 @@ def run(config: configs.Config, data_dir: str, model_dir: str, *,
                                             distribution.write_dir(best_dir, runtime),
                                             max_to_keep=1)
 
+  def global_step() -> int:
+    return int(optimizer.iterations.numpy())
+
   def save(target):
-    target.save(checkpoint_number=optimizer.iterations)
+    target.save(checkpoint_number=global_step())
     distribution.cleanup_write_dir(target.directory, runtime)
 
   history_path = f'{model_dir}/{history_lib.HISTORY_NAME}'
   rows = history_lib.completed(history_lib.read(history_path), int(epoch_var))
   summaries = summaries_lib.Summaries(f'{model_dir}/logs' if runtime.is_chief else None,
                                       class_names, manifest.class_colors)
-  fixed_frames = (data.first_examples(manifest, 'val', config, config.num_summary_images)
-                  if runtime.is_chief else [])
+  # Every worker predicts the fixed frames (reading BatchNorm's sync-on-read statistics is a
+  # collective under MultiWorkerMirroredStrategy); only the chief's summaries writer records them.
+  fixed_frames = data.first_examples(manifest, 'val', config, config.num_summary_images)
   steps = make_steps(model, optimizer, strategy, config, num_classes, class_weights)
 
   profiler = _Profiler(config.profile_steps if runtime.is_chief else None,
@@ -322,16 +328,16 @@ def run(config: configs.Config, data_dir: str, model_dir: str, *,
       totals = [0.0, 0.0, np.zeros([num_classes] * 2, np.int64)]
       step = start_step
       while step < steps_per_epoch:
-        until_backup = (config.backup_every_steps - int(optimizer.iterations) %
+        until_backup = (config.backup_every_steps - global_step() %
                         config.backup_every_steps) if config.backup_every_steps else math.inf
         n = int(min(config.steps_per_loop, steps_per_epoch - step, until_backup))
-        profiler.before(int(optimizer.iterations))
+        profiler.before(global_step())
         out = steps.train(iterator, tf.constant(n))
         totals = [a + b.numpy() for a, b in zip(totals, out)]
         step += n
         step_in_epoch.assign(step)
-        profiler.after(int(optimizer.iterations))
-        if config.backup_every_steps and int(optimizer.iterations) % config.backup_every_steps == 0:
+        profiler.after(global_step())
+        if config.backup_every_steps and global_step() % config.backup_every_steps == 0:
           save(manager)
         if bool(steps.agree(tf.constant(sigterm.event.is_set()))):
           save(manager)
@@ -368,9 +374,15 @@ def run(config: configs.Config, data_dir: str, model_dir: str, *,
       step_in_epoch.assign(0)
       save(manager)
 
+  log(f'worker {runtime.worker_index}: final weights checksum {weights_checksum(model):.9e}')
   if not runtime.is_chief:
     return {}
   return finish(config, manifest, model_dir, best_dir, runtime, log)
+
+
+def weights_checksum(model) -> float:
+  """Sum of |w| over trainable weights: equal on all workers of a correct synchronous run."""
+  return float(sum(np.abs(np.asarray(v, np.float64)).sum() for v in model.trainable_weights))
 
 
 def finish(config, manifest, model_dir: str, best_dir: str, runtime, log) -> dict:
