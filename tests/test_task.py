@@ -157,3 +157,25 @@ def test_bad_input_fails_before_training(smoke_data, tmp_path, args, message):
   assert len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
   assert 'Traceback' not in proc.stderr
   assert not (model_dir / 'config.json').exists()
+
+
+def test_early_stopping_and_vertex_ai_dirs(smoke_data, tmp_path):
+  """Vertex AI env places outputs; a run with no improvement stops early, and stays stopped."""
+  hparams = tmp_path / 'hp.json'
+  hparams.write_text(json.dumps({'early_stopping_patience': 1, 'epochs': 6,
+                                 'learning_rate': 1e-12}))
+  env = {**__import__('os').environ, 'AIP_MODEL_DIR': str(tmp_path / 'aip_model'),
+         'AIP_CHECKPOINT_DIR': str(tmp_path / 'aip_ckpt'),
+         'AIP_TENSORBOARD_LOG_DIR': str(tmp_path / 'aip_logs')}
+  args = ('trainer.task', *SMOKE, '--data_dir', smoke_data, '--hparams_file', hparams)
+  proc = run_module(*args, env=env)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert 'early stop: no better val mIoU for 1 epochs' in proc.stdout
+  assert [row['epoch'] for row in _history(tmp_path / 'aip_model')] == ['0', '1']
+  assert (tmp_path / 'aip_model' / 'metrics.json').exists()
+  assert tf.train.latest_checkpoint(str(tmp_path / 'aip_ckpt' / 'checkpoints'))
+  assert tf.train.latest_checkpoint(str(tmp_path / 'aip_ckpt' / 'best')).endswith('ckpt-6')
+  assert list((tmp_path / 'aip_logs' / 'val').glob('events.*'))
+  assert not (tmp_path / 'aip_model' / 'checkpoints').exists()
+  proc = run_module(*args, env=env)
+  assert proc.returncode == 0 and 'epoch 3/6' not in proc.stdout

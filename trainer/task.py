@@ -150,12 +150,14 @@ def main(argv):
     summary_only(config)
     return 0
   from trainer import distribution, train  # pylint: disable=g-import-not-at-top
-  model_dir = _MODEL_DIR.value or distribution.vertex_ai_dirs().get('model_dir')
+  vertex = distribution.vertex_ai_dirs()
+  model_dir = _MODEL_DIR.value or vertex.get('model_dir')
   if not _DATA_DIR.value:
     raise ConfigError('--data_dir is required (a tfrecords_builder output dir)')
   if not model_dir:
     raise ConfigError('--model_dir is required (or set AIP_MODEL_DIR)')
-  train.run(config, _DATA_DIR.value, model_dir, log=print)
+  train.run(config, _DATA_DIR.value, model_dir, log=print,
+            checkpoint_dir=vertex.get('checkpoint_dir'), log_dir=vertex.get('log_dir'))
   return 0
 
 

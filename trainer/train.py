@@ -236,10 +236,22 @@ def _write_json(path: str, value) -> None:
 
 
 def run(config: configs.Config, data_dir: str, model_dir: str, *,
-        runtime: distribution.Runtime | None = None, log=logging.info) -> dict:
+        runtime: distribution.Runtime | None = None, log=logging.info,
+        checkpoint_dir: str | None = None, log_dir: str | None = None,
+        export: bool = True) -> dict:
   """Trains, evaluates the best checkpoint on val, exports; returns the final metrics.
 
   Re-running the same call continues from the last backup in model_dir.
+
+  Args:
+    config: the resolved config.
+    data_dir: a tfrecords_builder output dir.
+    model_dir: where config.json, history.csv, metrics.json and export/ go.
+    runtime: the distribution runtime (default: created from the config).
+    log: where progress lines go.
+    checkpoint_dir: backups and best weights (default model_dir; Vertex AI's AIP_CHECKPOINT_DIR).
+    log_dir: TensorBoard logs (default model_dir/logs; Vertex AI's AIP_TENSORBOARD_LOG_DIR).
+    export: write export/ at the end (a tuner's trials skip it).
 
   Raises:
     ConfigError / InputError: bad config or data, before any training.
@@ -287,9 +299,14 @@ def run(config: configs.Config, data_dir: str, model_dir: str, *,
   epoch_var = tf.Variable(0, dtype=tf.int64, trainable=False, name='epoch')
   step_in_epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name='step_in_epoch')
   best_miou = tf.Variable(-1.0, dtype=tf.float64, trainable=False, name='best_miou')
+  best_epoch = tf.Variable(-1, dtype=tf.int64, trainable=False, name='best_epoch')
+  stopped = tf.Variable(False, trainable=False, name='stopped_early')
   checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, epoch=epoch_var,
-                                   step_in_epoch=step_in_epoch, best_miou=best_miou)
-  ckpt_dir, best_dir = f'{model_dir}/checkpoints', f'{model_dir}/best'
+                                   step_in_epoch=step_in_epoch, best_miou=best_miou,
+                                   best_epoch=best_epoch, stopped_early=stopped)
+  checkpoint_root = (checkpoint_dir or model_dir).rstrip('/')
+  ckpt_dir, best_dir = f'{checkpoint_root}/checkpoints', f'{checkpoint_root}/best'
+  log_dir = (log_dir or f'{model_dir}/logs').rstrip('/')
   latest = tf.train.latest_checkpoint(ckpt_dir)
   if latest:
     checkpoint.restore(latest).assert_existing_objects_matched()
@@ -309,7 +326,7 @@ def run(config: configs.Config, data_dir: str, model_dir: str, *,
 
   history_path = f'{model_dir}/{history_lib.HISTORY_NAME}'
   rows = history_lib.completed(history_lib.read(history_path), int(epoch_var))
-  summaries = summaries_lib.Summaries(f'{model_dir}/logs' if runtime.is_chief else None,
+  summaries = summaries_lib.Summaries(log_dir if runtime.is_chief else None,
                                       class_names, manifest.class_colors)
   # Every worker predicts the fixed frames (reading BatchNorm's sync-on-read statistics is a
   # collective under MultiWorkerMirroredStrategy); only the chief's summaries writer records them.
@@ -317,9 +334,9 @@ def run(config: configs.Config, data_dir: str, model_dir: str, *,
   steps = make_steps(model, optimizer, strategy, config, num_classes, class_weights)
 
   profiler = _Profiler(config.profile_steps if runtime.is_chief else None,
-                       f'{model_dir}/logs/profile', log)
+                       f'{log_dir}/profile', log)
   with _SigtermFlag() as sigterm:
-    while int(epoch_var) < config.epochs:
+    while int(epoch_var) < config.epochs and not bool(stopped.numpy()):
       epoch, start_step = int(epoch_var), int(step_in_epoch)
       started = time.perf_counter()
       dataset = strategy.distribute_datasets_from_function(
@@ -369,7 +386,13 @@ def run(config: configs.Config, data_dir: str, model_dir: str, *,
         history_lib.write(history_path, rows)
       if (val_result['mean_iou'] or 0.0) > float(best_miou):
         best_miou.assign(val_result['mean_iou'])
+        best_epoch.assign(epoch)
         save(best_manager)
+      patience = config.early_stopping_patience
+      if patience and epoch - int(best_epoch) >= patience:
+        stopped.assign(True)
+        log(f'early stop: no better val mIoU for {patience} epochs (best: epoch '
+            f'{int(best_epoch) + 1}, {float(best_miou):.4f})')
       epoch_var.assign(epoch + 1)
       step_in_epoch.assign(0)
       save(manager)
@@ -377,7 +400,7 @@ def run(config: configs.Config, data_dir: str, model_dir: str, *,
   log(f'worker {runtime.worker_index}: final weights checksum {weights_checksum(model):.9e}')
   if not runtime.is_chief:
     return {}
-  return finish(config, manifest, model_dir, best_dir, runtime, log)
+  return finish(config, manifest, model_dir, best_dir, runtime, log, export)
 
 
 def weights_checksum(model) -> float:
@@ -385,7 +408,8 @@ def weights_checksum(model) -> float:
   return float(sum(np.abs(np.asarray(v, np.float64)).sum() for v in model.trainable_weights))
 
 
-def finish(config, manifest, model_dir: str, best_dir: str, runtime, log) -> dict:
+def finish(config, manifest, model_dir: str, best_dir: str, runtime, log,
+           export: bool = True) -> dict:
   """Chief only: evaluates the best checkpoint on val, writes metrics.json, exports.
 
   Runs on a fresh single-device model restored from the checkpoint, so no collective op (which
@@ -402,9 +426,12 @@ def finish(config, manifest, model_dir: str, best_dir: str, runtime, log) -> dic
   result = evaluate(steps, single, manifest, 'val', config, manifest.class_names)
   result['checkpoint'] = best
   _write_json(f'{model_dir}/{METRICS_NAME}', result)
+  log(f'best checkpoint {best}: val mIoU {result["mean_iou"]:.4f}, pixel accuracy '
+      f'{result["pixel_accuracy"]:.4f}')
+  if not export:
+    return result
   export_lib.export_model(model, f'{model_dir}/export', image_size=config.image_size,
                           class_names=manifest.class_names, class_colors=manifest.class_colors,
                           ignore_label=manifest.ignore_label, flip=config.eval_flip)
-  log(f'best checkpoint {best}: val mIoU {result["mean_iou"]:.4f}, pixel accuracy '
-      f'{result["pixel_accuracy"]:.4f}; exported to {model_dir}/export')
+  log(f'exported to {model_dir}/export')
   return result

@@ -48,6 +48,7 @@ class Config:
   focal_gamma: float = 2.0
   class_weighting: str = 'none'  # none | median_frequency | inverse_sqrt
   max_class_weight: float | None = None
+  early_stopping_patience: int | None = None  # Stop after this many epochs without a new best.
   # Evaluation.
   eval_flip: bool = False  # Test-time horizontal flip averaging (also baked into the export).
   eval_batch_size: int | None = None  # Global; None = batch_size.
@@ -150,6 +151,8 @@ def validate(config: Config) -> None:
       'warmup_epochs': config.warmup_epochs >= 0,
       'backup_every_steps': config.backup_every_steps >= 0,
       'peer_timeout_seconds': config.peer_timeout_seconds >= 1,
+      'early_stopping_patience': (config.early_stopping_patience is None or
+                                  config.early_stopping_patience >= 1),
   }
   for name, ok in checks.items():
     if not ok:
