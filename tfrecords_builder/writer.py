@@ -1,8 +1,8 @@
 """Builds the shards: shard assignment, worker processes, temp-then-rename, resume, manifest last.
 
-Each shard is one task for a worker process. A worker writes its shard under a temporary name,
-records the shard's statistics under .build/, then renames the shard into place, so a shard with
-its final name is always complete. A rerun after a crash reuses complete shards (when the build
+Worker processes encode examples; the parent writes each shard under a temporary name, records
+its statistics under .build/, then renames it into place, so a shard with its final name is
+always complete. A rerun after a crash reuses complete shards (when the build
 plan matches) and writes the rest; the manifest, written last, names only complete shards.
 """
 
@@ -145,35 +145,55 @@ def _stats_path(output_dir: str, name: str) -> str:
   return join(output_dir, BUILD_DIR, name + '.json')
 
 
-def write_shard(task: ShardTask) -> dict:
-  """Writes one shard (temp name, stats, rename) and returns its statistics."""
-  start = time.perf_counter()
-  final = join(task.output_dir, task.name)
-  tmp = temp_path(final)
-  counts = np.zeros(256, np.int64)
-  sizes = set()
+def _encode_item(item) -> tuple[bytes, np.ndarray, tuple[int, int]]:
+  return encode_pair(*item)
+
+
+def write_shards(tasks: list[ShardTask], num_workers: int):
+  """Writes shards in order, yielding each one's statistics as it completes.
+
+  Workers only encode examples (decode, map labels, re-encode masks); this process writes them.
+  Examples, not shards, are the unit of work, so both cores stay busy to the last example
+  whatever the shard sizes, and each shard is still written by one writer: temp name, stats,
+  then the rename that makes it complete.
+  """
+  items = [(pair, task.layout, task.table, task.options) for task in tasks for pair in task.pairs]
+  encoded = _run(_encode_item, items, num_workers)
   try:
-    with tf.io.TFRecordWriter(tmp) as writer:
-      for pair in task.pairs:
-        record, pair_counts, size = encode_pair(pair, task.layout, task.table, task.options)
-        writer.write(record)
-        counts += pair_counts
-        sizes.add(size)
-    stats = {
-        'name': task.name, 'split': task.split, 'num_examples': len(task.pairs),
-        'class_pixel_counts': counts[:task.table.num_classes].tolist(),
-        'void_pixels': int(counts[features.IGNORE_LABEL]),
-        'image_sizes': sorted(list(s) for s in sizes),
-    }
-    # Stats first, then the rename: a shard under its final name always has its stats.
-    write_atomic(_stats_path(task.output_dir, task.name), json.dumps(stats))
-    tf.io.gfile.rename(tmp, final, overwrite=True)
-  except BaseException:
-    if tf.io.gfile.exists(tmp):
-      tf.io.gfile.remove(tmp)
-    raise
-  stats['seconds'] = time.perf_counter() - start
-  return stats
+    yield from _write_in_order(tasks, encoded)
+  finally:
+    encoded.close()  # Stops the worker pool now, also when a bad input ended the build.
+
+
+def _write_in_order(tasks: list[ShardTask], encoded):
+  for task in tasks:
+    start = time.perf_counter()
+    final = join(task.output_dir, task.name)
+    tmp = temp_path(final)
+    counts = np.zeros(256, np.int64)
+    sizes = set()
+    try:
+      with tf.io.TFRecordWriter(tmp) as writer:
+        for _ in task.pairs:
+          record, pair_counts, size = next(encoded)
+          writer.write(record)
+          counts += pair_counts
+          sizes.add(size)
+      stats = {
+          'name': task.name, 'split': task.split, 'num_examples': len(task.pairs),
+          'class_pixel_counts': counts[:task.table.num_classes].tolist(),
+          'void_pixels': int(counts[features.IGNORE_LABEL]),
+          'image_sizes': sorted(list(s) for s in sizes),
+      }
+      # Stats first, then the rename: a shard under its final name always has its stats.
+      write_atomic(_stats_path(task.output_dir, task.name), json.dumps(stats))
+      tf.io.gfile.rename(tmp, final, overwrite=True)
+    except BaseException:
+      if tf.io.gfile.exists(tmp):
+        tf.io.gfile.remove(tmp)
+      raise
+    stats['seconds'] = time.perf_counter() - start
+    yield stats
 
 
 def plan_fingerprint(dataset: layouts.Dataset, input_dir: str, shard_counts: dict[str, int],
@@ -309,7 +329,7 @@ def build(input_dir: str, output_dir: str, *, layout: str | None = None,
       stats[task.name] = previous
   todo = [t for t in tasks if t.name not in stats]
   total = sum(len(t.pairs) for t in todo)
-  num_workers = max(1, min(num_workers or os.cpu_count() or 1, len(todo) or 1))
+  num_workers = max(1, min(num_workers or os.cpu_count() or 1, total or 1))
   log(f'{dataset.layout} layout, {dataset.table.num_classes} classes; '
       + ', '.join(f'{s}: {len(p)} frames in {shard_counts[s]} shards'
                   for s, p in dataset.splits.items())
@@ -318,7 +338,7 @@ def build(input_dir: str, output_dir: str, *, layout: str | None = None,
 
   start, written = time.perf_counter(), 0
   try:
-    for result in _run(write_shard, todo, num_workers):
+    for result in write_shards(todo, num_workers):
       stats[result['name']] = result
       written += result['num_examples']
       elapsed = time.perf_counter() - start
@@ -353,14 +373,12 @@ def build(input_dir: str, output_dir: str, *, layout: str | None = None,
   return manifest
 
 
-def _run(fn, tasks, num_workers):
-  """Yields fn(task) for each task as results arrive, in-process or in a pool of processes."""
+def _run(fn, items, num_workers):
+  """Yields fn(item) for each item, in order, in-process or from a pool of processes."""
   if num_workers == 1:
-    yield from map(fn, tasks)
+    yield from map(fn, items)
     return
   # Fork (not spawn): workers inherit the imported modules instead of re-importing TensorFlow
   # for seconds each. The parent has only listed files (no TF runtime or threads to inherit).
-  # Largest tasks first so no worker is left with a big shard at the end.
-  tasks = sorted(tasks, key=lambda t: -len(t.pairs))
   with multiprocessing.get_context('fork').Pool(num_workers) as pool:
-    yield from pool.imap_unordered(fn, tasks)
+    yield from pool.imap(fn, items, chunksize=2)

@@ -359,14 +359,17 @@ def run(config: configs.Config, data_dir: str, model_dir: str, *,
         if bool(steps.agree(tf.constant(sigterm.event.is_set()))):
           save(manager)
           raise Preempted(f'SIGTERM: saved a backup at epoch {epoch} step {step}')
+      train_seconds = time.perf_counter() - started
       train_result = {'loss': float(totals[0] / max(totals[1], 1e-6))}
       train_result.update(metrics_lib.compute_metrics(totals[2], class_names))
       val_result = evaluate(steps, runtime, manifest, 'val', config, class_names)
       seconds = time.perf_counter() - started
       lr = current_learning_rate(optimizer)
+      images_per_s = (step - start_step) * config.batch_size / max(train_seconds, 1e-9)
       log(f'epoch {epoch + 1}/{config.epochs}: loss {train_result["loss"]:.4f}, val loss '
           f'{val_result["loss"]:.4f}, val pixel acc {val_result["pixel_accuracy"]:.4f}, val mIoU '
-          f'{val_result["mean_iou"]:.4f} ({seconds:.1f} s)')
+          f'{val_result["mean_iou"]:.4f} (train {train_seconds:.1f} s, {images_per_s:.1f} img/s; '
+          f'val {seconds - train_seconds:.1f} s)')
       summaries.epoch(epoch, train_result, val_result, lr)
       if fixed_frames:
         images = np.stack([f['image'] for f in fixed_frames])
