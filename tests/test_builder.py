@@ -1,8 +1,5 @@
 """Builder tests: exact round trips for both layouts, void, bad inputs, determinism, resume."""
 
-import io
-import json
-import os
 import pathlib
 import shutil
 import signal

@@ -5,7 +5,6 @@ worker failure and resume, mixed_bfloat16."""
 import csv
 import json
 import os
-import pathlib
 import socket
 import subprocess
 import sys

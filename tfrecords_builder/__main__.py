@@ -10,7 +10,7 @@ from absl import flags
 
 from tfrecords_builder import verify as verify_lib
 from tfrecords_builder import writer
-from tfrecords_builder.errors import InputError
+from tfrecords_builder.errors import InputError, run_app
 
 _INPUT_DIR = flags.DEFINE_string('input_dir', None, 'CamVid folder (kaggle or segnet layout).')
 _OUTPUT_DIR = flags.DEFINE_string('output_dir', None, 'Where shards and manifest.json go.')
@@ -79,11 +79,7 @@ def main(argv):
 
 def run():
   """Console-script entry: user mistakes become one line on stderr and exit code 2."""
-  try:
-    app.run(main)
-  except InputError as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
+  run_app(main)
 
 
 if __name__ == '__main__':

@@ -17,12 +17,11 @@ import sys
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
-from absl import app  # pylint: disable=g-import-not-at-top
-from absl import flags
+from absl import flags  # pylint: disable=g-import-not-at-top
 from absl import logging as absl_logging
 
-from tfrecords_builder.errors import InputError
-from trainer.errors import ConfigError, EXIT_CONFIG_ERROR
+from tfrecords_builder.errors import run_app
+from trainer.errors import ConfigError
 
 _MODEL_DIR = flags.DEFINE_string('model_dir', None, 'A trainer model_dir (local or gs://).')
 _DATA_DIR = flags.DEFINE_string('data_dir', None, 'A tfrecords_builder output dir.')
@@ -83,11 +82,7 @@ def main(argv):
 
 def run():
   """Console-script entry: user mistakes become one line on stderr and exit code 2."""
-  try:
-    app.run(main)
-  except InputError as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(EXIT_CONFIG_ERROR)
+  run_app(main)
 
 
 if __name__ == '__main__':

@@ -19,7 +19,6 @@ Bad input (a missing flag, no export, no images, an unreadable image) prints one
 import io
 import os
 import re
-import sys
 import time
 
 # TensorFlow reads this once, when it is first imported, so it must be set before that.
@@ -32,7 +31,7 @@ from PIL import Image
 import tensorflow as tf
 
 from tfrecords_builder import fileio
-from tfrecords_builder.errors import InputError
+from tfrecords_builder.errors import InputError, run_app
 from trainer import export as export_lib
 from trainer import visualize
 
@@ -196,11 +195,7 @@ def main(argv):
 
 def run():
   """Console-script entry: user mistakes become one line on stderr and exit code 2."""
-  try:
-    app.run(main)
-  except InputError as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
+  run_app(main)
 
 
 if __name__ == '__main__':

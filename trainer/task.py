@@ -10,17 +10,15 @@ saving a backup (rerun the same command to continue).
 import json
 import logging
 import os
-import sys
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
-from absl import app  # pylint: disable=g-import-not-at-top
-from absl import flags
+from absl import flags  # pylint: disable=g-import-not-at-top
 from absl import logging as absl_logging
 
-from tfrecords_builder.errors import InputError
+from tfrecords_builder.errors import run_app
 from trainer import configs
-from trainer.errors import ConfigError, EXIT_CONFIG_ERROR, EXIT_PREEMPTED
+from trainer.errors import ConfigError, EXIT_PREEMPTED
 
 _DATA_DIR = flags.DEFINE_string('data_dir', None, 'tfrecords_builder output dir (local or '
                                 'gs://). Unset with no other flags: run the embedded demo.')
@@ -162,16 +160,10 @@ def main(argv):
 
 
 def run():
-  """Console-script entry: user mistakes become one line on stderr and exit code 2."""
+  """Console-script entry: one stderr line and a documented exit code for expected failures."""
   from trainer.train import Preempted  # pylint: disable=g-import-not-at-top
-  try:
-    app.run(main)
-  except InputError as e:  # ConfigError is an InputError.
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(EXIT_CONFIG_ERROR)
-  except Preempted as e:
-    print(f'preempted: {e}; rerun the same command to continue', file=sys.stderr)
-    sys.exit(EXIT_PREEMPTED)
+  run_app(main, handlers=[(Preempted, EXIT_PREEMPTED,
+                           'preempted (rerun the same command to continue)')])
 
 
 if __name__ == '__main__':
