@@ -384,7 +384,7 @@ def run(config: configs.Config, data_dir: str, model_dir: str, *,
           'train_mean_iou': train_result['mean_iou'], 'val_loss': val_result['loss'],
           'val_pixel_accuracy': val_result['pixel_accuracy'],
           'val_mean_iou': val_result['mean_iou'], 'learning_rate': lr,
-          'seconds': round(seconds, 2)}]
+          'seconds': round(seconds, 2), 'train_images_per_s': round(images_per_s, 2)}]
       if runtime.is_chief:
         history_lib.write(history_path, rows)
       if (val_result['mean_iou'] or 0.0) > float(best_miou):
