@@ -12,7 +12,8 @@ setuptools.setup(
     install_requires=[
         'tensorflow>=2.21,<2.22',
         'keras>=3.10,<4',
-        'keras-tuner>=1.4.7,<2',
+        # [bayesian]: scikit-learn + scipy for --tuner bayesian.
+        'keras-tuner[bayesian]>=1.4.7,<2',
         'google-cloud-storage>=2.18',
         'numpy>=1.26',
         'tensorboard>=2.21,<2.22',
@@ -24,6 +25,9 @@ setuptools.setup(
         'test': [
             'pytest>=8',
             'pytest-timeout>=2.3',
+            'kubernetes-validate>=1.31',
+            'docker>=7',  # Only to apply .dockerignore rules offline; no engine needed.
+            'PyYAML>=6',
         ],
     },
     entry_points={
@@ -33,6 +37,7 @@ setuptools.setup(
             'camvid-train=trainer.task:run',
             'camvid-evaluate=trainer.evaluate:run',
             'camvid-predict=trainer.predict:run',
+            'camvid-tune=tuning.tune:run',
         ],
     },
 )

@@ -1,4 +1,4 @@
-"""A local Google Cloud Storage on 127.0.0.1 that TensorFlow, gsutil-free tools and tests can use.
+"""A local Google Cloud Storage on 127.0.0.1 for TensorFlow, google-cloud-storage and the tests.
 
     python scripts/gcs_emulator.py [--bucket NAME ...] [--port N] [--fault_rate 0.1 --seed 0]
         [--deny_bucket NAME ...] [--no_proxy HOST,...] [--log_requests]
@@ -8,7 +8,9 @@ loopback proxy; prints one `export NAME=VALUE` line per environment variable the
 `READY`, and serves until SIGTERM/SIGINT (or, with --stop_on_stdin_eof, until its stdin closes,
 so a test fixture's emulator never outlives the tests).
 
-    eval "$(python scripts/gcs_emulator.py --bucket my-bucket | sed '/^READY$/q')" ...
+    python scripts/gcs_emulator.py --bucket my-bucket > /tmp/gcs-emulator.env &
+    until grep -qx READY /tmp/gcs-emulator.env; do sleep 0.2; done
+    source <(grep '^export ' /tmp/gcs-emulator.env)   # then any tool, with gs://my-bucket/...
 
 Why a proxy: TensorFlow's own GCS filesystem has no endpoint setting; it always talks HTTPS to
 www.googleapis.com and storage.googleapis.com. libcurl honours HTTPS_PROXY and CURL_CA_BUNDLE,
@@ -26,6 +28,8 @@ code):
   - `moveTo` was 501;
   - upload `Location` and `mediaLink` came back as http:// URLs, which would make TF bypass the
     proxy (HTTPS_PROXY covers https only); they keep the scheme the client used;
+  - after a failed upload attempt, its status answer claimed one byte received ("Range:
+    bytes=0-0") when it held none, so TF resumed at byte 1 and failed;
   - soft delete (on by default) kept a copy of every deleted object in memory; buckets made here
     delete for good, and the unused on-disk metadata file is not rewritten on every request.
 The emulator runs in memory because only that mode keeps `dir/` marker objects.
@@ -66,6 +70,11 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from gcp_storage_emulator import server as emu_server
+from gcp_storage_emulator import storage as emu_storage
+from gcp_storage_emulator.exceptions import NotFound
+from gcp_storage_emulator.handlers import buckets as emu_buckets
+from gcp_storage_emulator.handlers import objects as emu_objects
 
 # The hosts TF's GCS filesystem and Google auth libraries talk to.
 TLS_HOSTS = ('storage.googleapis.com', 'www.googleapis.com', 'oauth2.googleapis.com')
@@ -76,6 +85,7 @@ IDLE_TIMEOUT_SECONDS = 120
 HOP_BY_HOP = {'connection', 'keep-alive', 'proxy-authenticate', 'proxy-authorization', 'te',
               'trailer', 'transfer-encoding', 'upgrade', 'expect', 'content-length',
               'proxy-connection'}
+STATS_PATH = '/_harness/stats'
 PRECONDITIONS = ('ifGenerationMatch', 'ifGenerationNotMatch', 'ifMetagenerationMatch',
                  'ifMetagenerationNotMatch')
 
@@ -144,42 +154,40 @@ def _current(storage, bucket: str, name: str | None) -> dict | None:
   return storage.objects.get(bucket, {}).get(name)
 
 
-def _holds(query: dict, obj: dict | None, prefix: str = '') -> bool:
-  """Whether GCS precondition parameters (optionally `ifSource...`) hold for `obj`."""
-  def value(name):
-    key = f'if{prefix}{name[2:]}' if prefix else name
-    return query.get(key, [None])[0]
-  generation = obj['generation'] if obj else '0'  # '0' means "does not exist" to GCS.
+def _failed_condition(query: dict, obj: dict | None, prefix: str = '') -> str | None:
+  """The first GCS precondition parameter (`if...`, or `ifSource...`) that `obj` fails, or None."""
+  generation = int(obj['generation']) if obj else 0  # 0 means "does not exist" to GCS.
   metageneration = obj.get('metageneration') if obj else None
-  match, not_match = value('ifGenerationMatch'), value('ifGenerationNotMatch')
-  if match is not None and str(int(match)) != str(int(generation)):
-    return False
-  if not_match is not None and str(int(not_match)) == str(int(generation)):
-    return False
-  meta_match, meta_not_match = value('ifMetagenerationMatch'), value('ifMetagenerationNotMatch')
-  if meta_match is not None and (obj is None or str(meta_match) != str(metageneration)):
-    return False
-  if meta_not_match is not None and obj is not None and str(meta_not_match) == str(
-      metageneration):
-    return False
-  return True
+  for name in PRECONDITIONS:
+    key = f'if{prefix}{name[2:]}'
+    if key not in query:
+      continue
+    value = query[key][0]
+    if name == 'ifGenerationMatch':
+      failed = int(value) != generation
+    elif name == 'ifGenerationNotMatch':
+      failed = int(value) == generation
+    elif name == 'ifMetagenerationMatch':
+      failed = obj is None or str(value) != str(metageneration)
+    else:
+      failed = obj is not None and str(value) == str(metageneration)
+    if failed:
+      return key
+  return None
 
 
 class EmulatorShims:
   """Wraps the emulator's route handlers; one instance per process (it patches module state)."""
 
   def __init__(self):
-    # upload_id -> (bucket, query) of resumable sessions, whose preconditions GCS checks when
-    # the upload completes.
+    # upload_id -> query of the request that opened a resumable upload: its preconditions hold
+    # for the whole upload, which the emulator only sees by upload_id afterwards.
     self._sessions = {}
 
   def install(self) -> None:
-    # pylint: disable=import-outside-toplevel
-    from gcp_storage_emulator import server as emu_server
-    from gcp_storage_emulator import storage as emu_storage
-    from gcp_storage_emulator.handlers import objects as emu_objects
     # In memory, the JSON metadata snapshot rewritten after every change is never read back.
-    emu_storage.Storage._write_config_to_file = lambda self: None  # pylint: disable=protected-access
+    # pylint: disable-next=protected-access
+    emu_storage.Storage._write_config_to_file = lambda self: None
     api = r'^/storage/v1/b/(?P<bucket_name>[-.\w]+)'
     extra = (
         (api + r'/storageLayout$', {'GET': self._storage_layout}),
@@ -206,6 +214,14 @@ class EmulatorShims:
       if not self._preconditions_hold(fn.__name__, request, response, storage):
         return None
       result = fn(request, response, storage)
+      if fn.__name__ == 'upload_partial':
+        upload_id = request.query['upload_id'][0]
+        if response.status == 308 and storage.get_resumable_byte_count(upload_id) == 0:
+          # GCS sends no Range header while it holds no byte of the upload; the emulator's
+          # "bytes=0-0" would make a client resume at byte 1 after a failed first attempt.
+          response._headers.pop('Range', None)  # pylint: disable=protected-access
+        elif response.status == 200:
+          self._sessions.pop(upload_id, None)
       if fn.__name__ == 'insert' and request.query.get('uploadType') == ['resumable']:
         location = response._headers.get('Location', '')  # pylint: disable=protected-access
         upload_id = urllib.parse.parse_qs(urllib.parse.urlparse(location).query).get('upload_id')
@@ -218,7 +234,7 @@ class EmulatorShims:
     query = request.query
     params = request.params or {}
     bucket = params.get('bucket_name')
-    checks = []  # (query, object, prefix)
+    checks = []  # (query, object or None, '' or 'Source')
     if name == 'insert':
       data = request.data if isinstance(request.data, dict) else {}
       target = (query.get('name', [None])[0] or (data.get('meta') or {}).get('name')
@@ -239,15 +255,17 @@ class EmulatorShims:
     elif name in ('get', 'download', 'delete', 'patch') and 'object_id' in params:
       checks.append((query, _current(storage, bucket, params['object_id']), ''))
     for check_query, obj, prefix in checks:
-      if not any((f'if{prefix}{p[2:]}' if prefix else p) in check_query for p in PRECONDITIONS):
+      failed = _failed_condition(check_query, obj, prefix)
+      if failed is None:
         continue
-      if not _holds(check_query, obj, prefix):
-        if name in ('get', 'download') and obj is not None:
-          response.status = http.HTTPStatus.NOT_MODIFIED
-        else:
-          _error(response, 412, 'conditionNotMet',
-                 'At least one of the pre-conditions you specified did not hold.')
-        return False
+      if name in ('get', 'download', 'delete', 'patch') and obj is None:
+        return True  # The handler answers 404, as GCS does for a missing object.
+      if name in ('get', 'download') and 'NotMatch' in failed:
+        response.status = http.HTTPStatus.NOT_MODIFIED
+      else:
+        _error(response, 412, 'conditionNotMet',
+               'At least one of the pre-conditions you specified did not hold.')
+      return False
     return True
 
   def _storage_layout(self, request, response, storage):
@@ -261,13 +279,10 @@ class EmulatorShims:
                    'hierarchicalNamespace': {'enabled': False}})
 
   def _move(self, request, response, storage):
-    # pylint: disable=import-outside-toplevel
-    from gcp_storage_emulator.exceptions import NotFound
-    from gcp_storage_emulator.handlers import objects as emu_objects
     params, query = request.params, request.query
     bucket, source, dest = params['bucket_name'], params['object_id'], params['dest_object_id']
-    if not (_holds(query, _current(storage, bucket, dest)) and
-            _holds(query, _current(storage, bucket, source), 'Source')):
+    if (_failed_condition(query, _current(storage, bucket, dest)) or
+        _failed_condition(query, _current(storage, bucket, source), 'Source')):
       _error(response, 412, 'conditionNotMet',
              'At least one of the pre-conditions you specified did not hold.')
       return
@@ -283,11 +298,11 @@ class EmulatorShims:
 
 def start_emulator(buckets: list[str]):
   """Starts the patched emulator on a free loopback port; returns (server, port)."""
-  # pylint: disable=import-outside-toplevel
-  from gcp_storage_emulator.handlers import buckets as emu_buckets
-  from gcp_storage_emulator.server import create_server
   EmulatorShims().install()
-  server = create_server('127.0.0.1', 0, in_memory=True)
+  # Headers and body go out in separate writes: with Nagle's algorithm each response would wait
+  # for a delayed ACK (40 ms on Linux).
+  emu_server.RequestHandler.disable_nagle_algorithm = True
+  server = emu_server.create_server('127.0.0.1', 0, in_memory=True)
   server.start()
   for name in buckets:
     emu_buckets.create_bucket(name, server._storage)  # pylint: disable=protected-access
@@ -309,6 +324,10 @@ class Faults:
     self._seen = {}  # request key -> occurrences so far
     self._failed_last = set()  # keys whose previous occurrence failed
     self.counts = {'requests': 0, '503': 0, 'drop': 0}
+
+  def snapshot(self) -> dict:
+    with self._lock:
+      return dict(self.counts)
 
   def decide(self, key: str) -> str | None:
     """Returns None (pass), '503' or 'drop'."""
@@ -349,6 +368,8 @@ class ProxyServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
 
   def __init__(self, address, emulator_port: int, ssl_context: ssl.SSLContext, faults: Faults,
                denied: set[str], log_requests: bool):
+    if ':' in address[0]:
+      self.address_family = socket.AF_INET6  # --host ::1
     super().__init__(address, ProxyHandler)
     self.emulator_port, self.ssl_context = emulator_port, ssl_context
     self.faults, self.denied, self.log_requests = faults, denied, log_requests
@@ -357,8 +378,9 @@ class ProxyServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
 class ProxyHandler(http.server.BaseHTTPRequestHandler):
   """CONNECT + TLS termination for TF, plain HTTP for google-cloud-storage, both forwarded."""
 
-  protocol_version = 'HTTP/1.1'  # Keep-alive: curl reuses connections.
+  protocol_version = 'HTTP/1.1'  # Keep-alive for clients that reuse connections (requests).
   timeout = IDLE_TIMEOUT_SECONDS
+  disable_nagle_algorithm = True  # See start_emulator: no 40 ms stalls per response.
   server: ProxyServer
   tls_host = None
 
@@ -418,6 +440,11 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
     if '://' in target:  # Absolute form, from a client using us as a plain HTTP proxy.
       parsed = urllib.parse.urlsplit(target)
       target = parsed.path + (f'?{parsed.query}' if parsed.query else '')
+    if target.split('?', 1)[0] == STATS_PATH and not self.tls_host:
+      # Harness-only (plain HTTP, never faulted): what was injected so far, for tests to check.
+      self._send(200, json.dumps(self.server.faults.snapshot()).encode(),
+                 [('Content-Type', 'application/json')])
+      return
     bucket = _bucket_of(target)
     if bucket is not None and bucket in self.server.denied:
       message = (f'caller does not have storage.objects.get access to the Google Cloud Storage '
@@ -445,6 +472,8 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
     headers['X-Forwarded-Proto'] = 'https' if self.tls_host else 'http'
     connection = http.client.HTTPConnection('127.0.0.1', self.server.emulator_port, timeout=300)
     try:
+      connection.connect()
+      connection.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
       connection.request(self.command, target, body=body, headers=headers)
       response = connection.getresponse()
       data = response.read()
@@ -488,11 +517,13 @@ def _parse_args(argv):
   return args
 
 
-def environment(port: int, ca_path: pathlib.Path, extra_no_proxy: str = '') -> dict[str, str]:
+def environment(host: str, port: int, ca_path: pathlib.Path,
+                extra_no_proxy: str = '') -> dict[str, str]:
   """What every tool needs to reach this emulator instead of Google."""
-  proxy = f'http://127.0.0.1:{port}'
-  no_proxy = ','.join(dict.fromkeys(
-      [*LOOPBACK_NAMES, *filter(None, extra_no_proxy.split(','))]))
+  proxy = f'http://{f"[{host}]" if ":" in host else host}:{port}'
+  # Loopback, the hosts asked for, and whatever the caller's NO_PROXY already kept direct.
+  names = [*LOOPBACK_NAMES, *extra_no_proxy.split(','), *os.environ.get('NO_PROXY', '').split(',')]
+  no_proxy = ','.join(dict.fromkeys(n.strip() for n in names if n.strip()))
   return {
       # google-cloud-storage: plain HTTP straight to the proxy's port (anonymous credentials).
       'STORAGE_EMULATOR_HOST': proxy,
@@ -522,12 +553,15 @@ def main(argv=None) -> int:
                         Faults(args.fault_rate, args.seed), set(args.deny_bucket),
                         args.log_requests)
     threading.Thread(target=proxy.serve_forever, name='gcs-proxy', daemon=True).start()
-    for name, value in environment(proxy.server_address[1], ca_path, args.no_proxy).items():
+    for name, value in environment(args.host, proxy.server_address[1], ca_path,
+                                   args.no_proxy).items():
       print(f'export {name}={value}')
     print('READY', flush=True)
     if args.stop_on_stdin_eof:
       def watch_stdin():
-        while sys.stdin.buffer.read(4096):
+        # The raw descriptor, not sys.stdin: a daemon thread blocked inside a buffered reader
+        # aborts the interpreter's shutdown.
+        while os.read(sys.stdin.fileno(), 4096):
           pass
         stop.set()
       threading.Thread(target=watch_stdin, daemon=True).start()

@@ -21,8 +21,18 @@ def run_app(main, handlers=()) -> None:
     handlers: extra (exception type, exit code, prefix) triples, checked first.
   """
   from absl import app  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
+
+  def parse(argv):
+    # absl exits 1 with a usage dump on a bad flag; a mistyped flag is a user's mistake too.
+    try:
+      return flags.FLAGS(argv)
+    except flags.Error as e:
+      print(f'error: {" ".join(str(e).split())}', file=sys.stderr)
+      sys.exit(EXIT_INPUT_ERROR)
+
   try:
-    app.run(main)
+    app.run(main, flags_parser=parse)
   except Exception as e:  # pylint: disable=broad-except
     for kind, code, prefix in (*handlers, (InputError, EXIT_INPUT_ERROR, 'error')):
       if isinstance(e, kind):

@@ -21,6 +21,7 @@ import tensorflow as tf
 
 from tfrecords_builder import features
 from tfrecords_builder.manifest import Manifest
+from trainer.errors import ConfigError
 
 AUTOTUNE = tf.data.AUTOTUNE
 _MAX_PARALLEL_FILES = 16
@@ -61,7 +62,7 @@ def steps_per_pass(manifest: Manifest, split: str, global_batch: int,
 
 def check_batch(global_batch: int, num_replicas: int, flag: str) -> None:
   if global_batch % num_replicas:
-    raise ValueError(f'{flag}: global batch {global_batch} is not divisible by the '
+    raise ConfigError(f'{flag}: global batch {global_batch} is not divisible by the '
                      f'{num_replicas} replicas')
 
 

@@ -99,8 +99,9 @@ def check_and_record_settings(output_dir: str, settings: dict) -> None:
     changed = [f'--{key} {recorded.get(key)} -> {settings.get(key)}' for key in FIXED_SETTINGS
                if recorded.get(key) != settings.get(key)]
     if changed:
-      raise ConfigError(f'{path}: this search was started with other settings ({", ".join(changed)});'
-                        ' rerun with the same flags to resume it, or add --overwrite to start over')
+      raise ConfigError(f'{path}: this search was started with other settings '
+                        f'({", ".join(changed)}); rerun with the same flags to resume it, or add '
+                        '--overwrite to start over')
   _write_json(path, settings)
 
 

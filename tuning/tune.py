@@ -22,13 +22,12 @@ import sys
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
-from absl import app  # pylint: disable=g-import-not-at-top
-from absl import flags
+from absl import flags  # pylint: disable=g-import-not-at-top
 from absl import logging as absl_logging
 
-from tfrecords_builder.errors import InputError
+from tfrecords_builder.errors import run_app
 from trainer import configs
-from trainer.errors import ConfigError, EXIT_CONFIG_ERROR, EXIT_PREEMPTED
+from trainer.errors import ConfigError, EXIT_PREEMPTED
 from tuning import space
 
 _DATA_DIR = flags.DEFINE_string('data_dir', None, 'tfrecords_builder output dir (local or gs://).')
@@ -54,7 +53,7 @@ _LOGICAL_CPUS = flags.DEFINE_integer('logical_cpu_devices', 0, 'Split the CPU in
                                      'devices (exercises MirroredStrategy trials on CPU).')
 
 
-def _base_config() -> tuple[configs.Config, int]:
+def _base_config(bounds: space.Bounds) -> tuple[configs.Config, int]:
   """The preset (with --early_stopping_patience) and the epochs per trial; validated."""
   try:
     base = configs.get_config(_CONFIG.value)
@@ -65,7 +64,6 @@ def _base_config() -> tuple[configs.Config, int]:
   epochs = _EPOCHS.value if _EPOCHS.value is not None else base.epochs
   if epochs < 1:
     raise ConfigError(f'--epochs {epochs}: must be >= 1')
-  bounds = _bounds()
   # Every corner of the space must be a config the trainer accepts, before any trial starts.
   for dropout in (bounds.dropout_min, bounds.dropout_max):
     for lr in (bounds.lr_min, bounds.lr_max):
@@ -96,35 +94,22 @@ def _check_data(data_dir: str) -> None:
     manifest.split(split)
 
 
-def create_runtime(base: configs.Config):
-  """This process's one strategy for all its trials: MirroredStrategy over several local devices.
-
-  KerasTuner cannot run MultiWorkerMirroredStrategy inside a trial, so a multi-worker TF_CONFIG
-  is refused rather than silently ignored; scale-out is KerasTuner's own chief + workers.
-  """
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from trainer import data, distribution  # pylint: disable=g-import-not-at-top
-  spec = distribution.tf_config_from_env()
-  if spec is not None and sum(len(hosts) for hosts in spec['cluster'].values()) > 1:
-    raise ConfigError('TF_CONFIG (or an Indexed Job\'s CAMVID_NUM_WORKERS) describes a multi-worker'
-                      ' cluster: tuning trials run on one machine each; scale out with '
-                      'KERASTUNER_TUNER_ID/KERASTUNER_ORACLE_IP/KERASTUNER_ORACLE_PORT instead')
-  if base.strategy == 'multi_worker':
-    raise ConfigError(f'--config {_CONFIG.value}: strategy multi_worker cannot run inside a '
-                      'tuning trial')
-  kind = base.strategy
-  if kind == 'auto':
-    gpus = tf.config.list_logical_devices('GPU')
-    several = len(gpus) > 1 or (not gpus and len(tf.config.list_logical_devices('CPU')) > 1)
-    kind = 'mirrored' if several else 'default'
-  runtime = distribution.create_runtime(kind, base.mixed_precision, base.peer_timeout_seconds)
+def _search(tuner, process_role: str) -> None:
+  """Runs the search (the chief: serves the oracle until the workers are done)."""
+  from tuning import tuner as tuner_lib  # pylint: disable=g-import-not-at-top
+  address = f'{os.environ.get("KERASTUNER_ORACLE_IP")}:{os.environ.get("KERASTUNER_ORACLE_PORT")}'
+  if process_role == 'chief':
+    print(f'chief: serving the oracle on {address} until the workers finish', flush=True)
   try:
-    data.check_batch(base.batch_size, runtime.num_replicas, 'batch_size')
-    data.check_batch(base.eval_batch_size or base.batch_size, runtime.num_replicas,
-                     'eval_batch_size')
-  except ValueError as e:
-    raise ConfigError(f'--config {_CONFIG.value}: {e}') from None
-  return runtime
+    tuner.search()
+  except tuner_lib.SearchAborted as e:
+    # The trainer's own error (bad config or data, or a preemption) decides the exit code.
+    raise e.cause from None
+  except RuntimeError as e:
+    if process_role != 'chief' or 'Failed to bind' not in str(e):
+      raise
+    raise ConfigError(f'KERASTUNER_ORACLE_IP/PORT {address}: cannot listen there (port in use, '
+                      'or not an address of this host; a chief may use 0.0.0.0)') from None
 
 
 def main(argv):
@@ -145,8 +130,8 @@ def main(argv):
 
   from tuning import tuner as tuner_lib  # pylint: disable=g-import-not-at-top
   process_role = tuner_lib.role()
-  base, epochs = _base_config()
   bounds = _bounds()
+  base, epochs = _base_config(bounds)
   _check_data(_DATA_DIR.value)
   output_dir = _OUTPUT_DIR.value.rstrip('/')
   settings = _settings(epochs)
@@ -156,7 +141,7 @@ def main(argv):
     if _LOGICAL_CPUS.value:
       from trainer import distribution  # pylint: disable=g-import-not-at-top
       distribution.configure_logical_cpus(_LOGICAL_CPUS.value)
-    runtime = create_runtime(base)
+    runtime = tuner_lib.create_runtime(base)
     print(f'distribution for every trial: {runtime.describe()}', flush=True)
 
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
@@ -173,7 +158,8 @@ def main(argv):
   elif _OVERWRITE.value:
     print('--overwrite: ignored on a worker (the chief starts the search over)', flush=True)
 
-  oracle = tuner_lib.make_oracle(_TUNER.value, bounds, _MAX_TRIALS.value, epochs, _SEED.value)
+  oracle = tuner_lib.make_oracle(_TUNER.value, bounds, _MAX_TRIALS.value, epochs, _SEED.value,
+                                 output_dir=output_dir if owns_oracle else None)
   if _TUNER.value == 'hyperband' and owns_oracle:
     per_iteration = space.hyperband_trials_per_iteration(epochs, tuner_lib.HYPERBAND_FACTOR)
     print(f'hyperband: max {epochs} epochs per trial, factor {tuner_lib.HYPERBAND_FACTOR}: one '
@@ -181,7 +167,7 @@ def main(argv):
           flush=True)
   tuner = tuner_lib.SegmentationTuner(
       oracle, base_config=base, data_dir=_DATA_DIR.value, output_dir=output_dir, epochs=epochs,
-      runtime=runtime, overwrite=_OVERWRITE.value and owns_oracle, process_role=process_role,
+      runtime=runtime, overwrite=_OVERWRITE.value and owns_oracle,
       settings=settings if process_role == 'worker' else None,
       log=lambda message: print(message, flush=True))
   if owns_oracle:
@@ -189,21 +175,13 @@ def main(argv):
     # like any other (KerasTuner itself first saves the tuner at the end of a trial).
     tuner.save()
 
-  if owns_oracle and tuner_lib.finished(tuner.oracle):
+  # A chief serves even a finished search: each worker that asks is told to stop, so a relaunched
+  # Job ends cleanly instead of leaving its workers waiting for an oracle.
+  if process_role == 'single' and tuner_lib.finished(tuner.oracle):
     print(f'the search in {output_dir} is finished (rerun with a larger --max_trials to extend '
           'it, or --overwrite to start over)', flush=True)
-  elif process_role == 'chief':
-    address = f'{os.environ["KERASTUNER_ORACLE_IP"]}:{os.environ["KERASTUNER_ORACLE_PORT"]}'
-    print(f'chief: serving the oracle on {address} until the workers finish', flush=True)
-    try:
-      tuner.search()
-    except RuntimeError as e:
-      if 'Failed to bind' not in str(e):
-        raise
-      raise ConfigError(f'KERASTUNER_ORACLE_IP/PORT {address}: cannot listen there (port in use, '
-                        'or not an address of this host; a chief may use 0.0.0.0)') from None
   else:
-    tuner.search()
+    _search(tuner, process_role)
 
   if not owns_oracle:
     print(f'worker {os.environ["KERASTUNER_TUNER_ID"]}: the chief has no more trials; done',
@@ -227,20 +205,10 @@ def main(argv):
 
 
 def run():
-  """Console-script entry: user mistakes become one line on stderr and exit code 2."""
+  """Console-script entry: one stderr line and a documented exit code for expected failures."""
   from trainer.train import Preempted  # pylint: disable=g-import-not-at-top
-  from tuning.tuner import SearchAborted  # pylint: disable=g-import-not-at-top
-  try:
-    app.run(main)
-  except InputError as e:  # ConfigError is an InputError.
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(EXIT_CONFIG_ERROR)
-  except SearchAborted as e:
-    if isinstance(e.cause, Preempted):
-      print(f'preempted: {e.cause}; rerun the same command to continue', file=sys.stderr)
-      sys.exit(EXIT_PREEMPTED)
-    print(f'error: {e.cause}', file=sys.stderr)
-    sys.exit(EXIT_CONFIG_ERROR)
+  run_app(main, handlers=[(Preempted, EXIT_PREEMPTED,
+                           'preempted (rerun the same command to continue)')])
 
 
 if __name__ == '__main__':

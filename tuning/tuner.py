@@ -26,10 +26,15 @@ import sys
 
 import keras_tuner
 from keras_tuner.engine import base_tuner
+from keras_tuner.engine import trial as trial_lib
+import tensorflow as tf
 
 from tfrecords_builder.errors import InputError
 from trainer import configs
+from trainer import data
+from trainer import distribution
 from trainer import train
+from trainer.errors import ConfigError
 from tuning import board
 from tuning import results
 from tuning import space
@@ -55,21 +60,62 @@ class SearchAborted(keras_tuner.errors.FatalError):
 
 def role(env=os.environ) -> str:
   """single | chief | worker, by KerasTuner's own rule (a tuner id containing "chief")."""
-  present = [name for name in ENV_VARS if env.get(name)]
+  # KerasTuner switches to distributed mode when KERASTUNER_ORACLE_IP is set at all, even empty.
+  present = [name for name in ENV_VARS if name in env]
   if not present:
     return 'single'
   missing = [name for name in ENV_VARS if not env.get(name)]
   if missing:
-    raise InputError(f'{", ".join(present)} set but {", ".join(missing)} not: distributed '
-                     'tuning needs all three (see README, "Tuning")')
+    raise ConfigError(f'{", ".join(missing)}: not set (or empty); distributed tuning needs '
+                      f'all of {", ".join(ENV_VARS)} (see README, "Tuning")')
   if not env['KERASTUNER_ORACLE_PORT'].isdigit():
-    raise InputError(f'KERASTUNER_ORACLE_PORT={env["KERASTUNER_ORACLE_PORT"]}: not a port number')
+    raise ConfigError(f'KERASTUNER_ORACLE_PORT={env["KERASTUNER_ORACLE_PORT"]}: not a port '
+                      'number')
   return 'chief' if 'chief' in env['KERASTUNER_TUNER_ID'] else 'worker'
 
 
-def make_oracle(kind: str, bounds: space.Bounds, max_trials: int, epochs: int,
-                seed: int) -> keras_tuner.Oracle:
-  """The search algorithm over the space in space.py, maximising val mIoU."""
+def strategy_kind(configured: str, num_gpus: int, num_cpus: int) -> str:
+  """auto: MirroredStrategy over several GPUs (or several logical CPUs without a GPU)."""
+  if configured == 'multi_worker':
+    raise ConfigError('strategy multi_worker (set by the preset) cannot run inside a tuning '
+                      'trial; scale out with KerasTuner\'s chief and workers instead')
+  if configured != 'auto':
+    return configured
+  several = num_gpus > 1 or (num_gpus == 0 and num_cpus > 1)
+  return 'mirrored' if several else 'default'
+
+
+def create_runtime(base: configs.Config):
+  """This process's one strategy for all its trials: MirroredStrategy over several local devices.
+
+  KerasTuner cannot run MultiWorkerMirroredStrategy inside a trial, so a multi-worker TF_CONFIG
+  is refused rather than silently ignored; scale-out is KerasTuner's own chief + workers.
+  """
+  spec = distribution.tf_config_from_env()
+  if spec is not None and sum(len(hosts) for hosts in spec['cluster'].values()) > 1:
+    raise ConfigError('TF_CONFIG (or an Indexed Job\'s CAMVID_NUM_WORKERS) describes a '
+                      'multi-worker cluster: tuning trials run on one machine each; scale out '
+                      'with KERASTUNER_TUNER_ID/KERASTUNER_ORACLE_IP/KERASTUNER_ORACLE_PORT')
+  kind = strategy_kind(base.strategy, len(tf.config.list_logical_devices('GPU')),
+                       len(tf.config.list_logical_devices('CPU')))
+  runtime = distribution.create_runtime(kind, base.mixed_precision, base.peer_timeout_seconds)
+  try:
+    data.check_batch(base.batch_size, runtime.num_replicas, 'batch_size')
+    data.check_batch(base.eval_batch_size or base.batch_size, runtime.num_replicas,
+                     'eval_batch_size')
+  except ValueError as e:
+    raise ConfigError(f'the preset\'s {e}') from None
+  return runtime
+
+
+def make_oracle(kind: str, bounds: space.Bounds, max_trials: int, epochs: int, seed: int,
+                output_dir: str | None = None) -> keras_tuner.Oracle:
+  """The search algorithm over the space in space.py, maximising val mIoU.
+
+  With `output_dir` (the process that owns the oracle: single or chief), every time the oracle
+  saves its state (a trial created or ended) it also rewrites output_dir's trials.json and
+  best_hparams.json, so they are current during a search, on the chief of a distributed one too.
+  """
   common = {'objective': keras_tuner.Objective(OBJECTIVE, 'max'),
             'hyperparameters': space.hyperparameters(bounds),
             # The space is exactly space.py's: a trial never adds hyperparameters.
@@ -78,38 +124,60 @@ def make_oracle(kind: str, bounds: space.Bounds, max_trials: int, epochs: int,
             # its own checkpoints, so the retry costs little.
             'max_retries_per_trial': 1}
   if kind == 'hyperband':
+    oracle_class = keras_tuner.oracles.HyperbandOracle
     # No iteration limit: --max_trials bounds the search for every tuner alike.
-    oracle = keras_tuner.oracles.HyperbandOracle(max_epochs=epochs, factor=HYPERBAND_FACTOR,
-                                                 hyperband_iterations=None, **common)
-    # HyperbandOracle takes no max_trials argument, but the base Oracle honours the attribute
-    # (create_trial stops the search once that many trials exist).
-    oracle.max_trials = max_trials
-    return oracle
-  if kind == 'bayesian':
-    try:
-      return keras_tuner.oracles.BayesianOptimizationOracle(max_trials=max_trials, **common)
-    except ImportError:
-      raise InputError('--tuner bayesian needs scikit-learn and scipy: pip install '
-                       '"keras-tuner[bayesian]"') from None
-  if kind == 'random':
-    return keras_tuner.oracles.RandomSearchOracle(max_trials=max_trials, **common)
-  raise InputError(f'--tuner {kind}: unknown (known: {", ".join(TUNERS)})')
+    kwargs = {'max_epochs': epochs, 'factor': HYPERBAND_FACTOR, 'hyperband_iterations': None}
+  elif kind == 'bayesian':
+    oracle_class = keras_tuner.oracles.BayesianOptimizationOracle
+    kwargs = {'max_trials': max_trials}
+  elif kind == 'random':
+    oracle_class = keras_tuner.oracles.RandomSearchOracle
+    kwargs = {'max_trials': max_trials}
+  else:
+    raise ConfigError(f'--tuner {kind}: unknown (known: {", ".join(TUNERS)})')
+  if output_dir is not None:
+    oracle_class = _recording(oracle_class, output_dir, epochs)
+  try:
+    oracle = oracle_class(**kwargs, **common)
+  except ImportError:
+    raise ConfigError(f'--tuner {kind} needs scikit-learn and scipy: pip install '
+                      '"keras-tuner[bayesian]"') from None
+  # HyperbandOracle takes no max_trials argument, but the base Oracle honours the attribute
+  # (create_trial stops the search once that many trials exist).
+  oracle.max_trials = max_trials
+  return oracle
+
+
+def _recording(oracle_class, output_dir: str, epochs: int):
+  """`oracle_class` that also writes trials.json and best_hparams.json whenever it saves."""
+
+  class RecordingOracle(oracle_class):
+
+    def save(self):
+      super().save()
+      results.write(output_dir, self.trials.values(), epochs)
+
+  RecordingOracle.__name__ = f'Recording{oracle_class.__name__}'
+  return RecordingOracle
 
 
 def finished(oracle) -> bool:
   """True when a reloaded search has nothing left to run (every trial ended, none remain)."""
+  # INVALID is not final: such a trial waits in the oracle's retry queue (or becomes FAILED).
+  ended = (trial_lib.TrialStatus.COMPLETED, trial_lib.TrialStatus.FAILED,
+           trial_lib.TrialStatus.STOPPED)
   return (oracle.remaining_trials() == 0 and
-          all(t.status in ('COMPLETED', 'FAILED', 'INVALID', 'STOPPED')
-              for t in oracle.trials.values()))
+          all(t.status in ended for t in oracle.trials.values()))
 
 
 class SegmentationTuner(base_tuner.BaseTuner):
   """Runs each trial as a trainer run in the trial's directory; reports its val mIoU."""
 
   def __init__(self, oracle, *, base_config: configs.Config, data_dir: str, output_dir: str,
-               epochs: int, runtime, overwrite: bool, process_role: str = 'single',
-               settings: dict | None = None, log=print):
-    """
+               epochs: int, runtime, overwrite: bool, settings: dict | None = None,
+               log=print):
+    """Creates the tuner, resuming the project in output_dir unless `overwrite`.
+
     Args:
       oracle: from make_oracle.
       base_config: the preset (and fixed overrides) every trial starts from.
@@ -118,7 +186,6 @@ class SegmentationTuner(base_tuner.BaseTuner):
       epochs: each trial's epochs (Hyperband: the largest budget; trials carry their own).
       runtime: the process's distribution runtime, created once (None on the chief).
       overwrite: discard an existing project instead of resuming it.
-      process_role: role() of this process; only a worker does not own the oracle.
       settings: the search's defining settings; a worker compares them with the chief's.
       log: where progress lines go.
     """
@@ -127,7 +194,6 @@ class SegmentationTuner(base_tuner.BaseTuner):
     self._output_dir = output_dir.rstrip('/')
     self._epochs = epochs
     self._runtime = runtime
-    self._owns_oracle = process_role != 'worker'
     self._settings = settings
     self._settings_checked = False
     self._log = log
@@ -150,7 +216,10 @@ class SegmentationTuner(base_tuner.BaseTuner):
       raise SearchAborted(e) from e
     tuned = space.tuned_values(values)
     board.write_trial_start(self._output_dir, trial_id, {**tuned, 'epochs': epochs})
-    log = lambda message: self._log(f'trial {trial_id}: {message}')
+
+    def log(message):
+      self._log(f'trial {trial_id}: {message}')
+
     log(', '.join(f'{k} {v:.4g}' for k, v in tuned.items()) + f', {epochs} epochs'
         + (f' (Hyperband: promoted from trial {values["tuner/trial_id"]}, trained from scratch)'
            if values.get('tuner/trial_id') else ''))
@@ -171,9 +240,7 @@ class SegmentationTuner(base_tuner.BaseTuner):
     return {OBJECTIVE: float(miou)}
 
   def on_trial_end(self, trial):
-    if trial.status != 'COMPLETED' and trial.message:
+    if trial.status != trial_lib.TrialStatus.COMPLETED and trial.message:
       # KerasTuner keeps the traceback in the trial (and in its trial.json) but prints nothing.
       print(f'trial {trial.trial_id} {trial.status}:\n{trial.message}', file=sys.stderr)
     super().on_trial_end(trial)
-    if self._owns_oracle:
-      results.write(self._output_dir, self.oracle.trials.values(), self._epochs)
