@@ -25,6 +25,11 @@ setuptools.setup(
         'test': [
             'pytest>=8',
             'pytest-timeout>=2.3',
+            # tests/test_gcs.py: scripts/gcs_emulator.py patches this emulator's internals, so
+            # the version is pinned; cryptography makes the proxy's throwaway TLS certificates.
+            'gcp-storage-emulator==2026.7.19',
+            'cryptography>=42',
+            'requests>=2.31',
             'kubernetes-validate>=1.31',
             'docker>=7',  # Only to apply .dockerignore rules offline; no engine needed.
             'PyYAML>=6',

@@ -55,9 +55,10 @@ def test_augmentation_never_invents_labels(smoke_data):
     assert set(np.unique(batch['mask'].numpy())) <= all_labels | {255}
 
 
-def test_epochs_differ_and_reruns_repeat(smoke_data):
+@pytest.mark.parametrize('cache_mb', [2048, 0], ids=['cached', 'streamed'])
+def test_epochs_differ_and_reruns_repeat(smoke_data, cache_mb):
   manifest = manifest_lib.read(str(smoke_data))
-  config = _config(batch_size=4)
+  config = _config(batch_size=4, cache_decoded_mb=cache_mb)
   first = [b['image'].numpy() for b in data.train_dataset(manifest, config, epoch=0)]
   again = [b['image'].numpy() for b in data.train_dataset(manifest, config, epoch=0)]
   other = [b['image'].numpy() for b in data.train_dataset(manifest, config, epoch=1)]
@@ -65,9 +66,10 @@ def test_epochs_differ_and_reruns_repeat(smoke_data):
   assert not np.array_equal(np.stack(first), np.stack(other))
 
 
-def test_skip_resumes_the_same_stream(smoke_data):
+@pytest.mark.parametrize('cache_mb', [2048, 0], ids=['cached', 'streamed'])
+def test_skip_resumes_the_same_stream(smoke_data, cache_mb):
   manifest = manifest_lib.read(str(smoke_data))
-  config = _config(batch_size=4)
+  config = _config(batch_size=4, cache_decoded_mb=cache_mb)
   full = list(data.train_dataset(manifest, config, epoch=2))
   tail = list(data.train_dataset(manifest, config, epoch=2, skip_steps=4))
   assert len(tail) == len(full) - 4
@@ -103,11 +105,13 @@ def test_eval_counts_every_example_exactly_once(smoke_data, num_pipelines, expec
   assert set(seen) == set(_source_masks(manifest, 'val'))
 
 
+@pytest.mark.parametrize('cache_mb', [2048, 0], ids=['cached', 'streamed'])
 @pytest.mark.parametrize('num_pipelines', [2, 4])
-def test_train_reads_every_example_once_per_epoch(smoke_data, num_pipelines, monkeypatch):
+def test_train_reads_every_example_once_per_epoch(smoke_data, num_pipelines, cache_mb,
+                                                  monkeypatch):
   """Counts source ids through the real training pipeline (augmentation off the id path)."""
   manifest = manifest_lib.read(str(smoke_data))
-  config = _config(batch_size=2 * num_pipelines)
+  config = _config(batch_size=2 * num_pipelines, cache_decoded_mb=cache_mb)
   seen = collections.Counter()
   original = features.parse_example
 
@@ -135,3 +139,79 @@ def test_eval_keeps_label_resolution(smoke_data):
 def test_batch_must_divide_across_replicas():
   with pytest.raises(ValueError, match='not divisible by the 3 replicas'):
     data.check_batch(8, 3, '--batch_size')
+
+
+def test_cache_decodes_each_frame_once_across_epochs(smoke_data, monkeypatch):
+  manifest = manifest_lib.read(str(smoke_data))
+  decoded = collections.Counter()
+  original = features.parse_example
+
+  def spy(record):
+    example = original(record)
+    tf.py_function(lambda s: decoded.update([s.numpy().decode()]), [example['source_id']], [])
+    return example
+
+  monkeypatch.setattr(data.features, 'parse_example', spy)
+  for cache_mb, expected in ((2048, 1), (0, 3)):
+    decoded.clear()
+    train_input = data.TrainInput(manifest, _config(batch_size=4, cache_decoded_mb=cache_mb))
+    assert train_input.caches() == bool(cache_mb)
+    for epoch in range(3):
+      assert sum(1 for _ in train_input(epoch=epoch)) == 6
+    assert len(decoded) == 24 and set(decoded.values()) == {expected}
+
+
+def _frame(height=36, width=48):
+  """A frame whose mask has a distinct label per 6x6 block (so misplaced pixels show)."""
+  rng = np.random.default_rng(0)
+  mask = (np.arange(height)[:, None] // 6 * 8 + np.arange(width)[None, :] // 6) % 11
+  return rng.integers(0, 256, (height, width, 3), np.uint8), mask.astype(np.uint8)
+
+
+def _plain(**kw):
+  return _config(hflip=False, brightness=0.0, contrast=0.0, saturation=0.0, **kw)
+
+
+def test_augment_at_scale_one_is_the_whole_frame_resized():
+  image, mask = _frame()
+  config = _plain(image_size=(24, 32), scale_min=1.0, scale_max=1.0)
+  out = data.augment(tf.constant(image), tf.constant(mask), tf.constant([1, 2], tf.int64), config)
+  want_mask = tf.image.resize(mask[..., None], (24, 32), method='nearest')[..., 0]
+  want_image = tf.image.resize(image / 255.0, (24, 32), antialias=True)
+  np.testing.assert_array_equal(out['mask'].numpy(), want_mask.numpy())
+  np.testing.assert_allclose(out['image'].numpy(), want_image.numpy(), atol=1e-5)
+
+
+def test_augment_below_scale_one_pads_with_void():
+  image, mask = _frame()
+  config = _plain(image_size=(24, 32), scale_min=0.5, scale_max=0.5)
+  out = data.augment(tf.constant(image), tf.constant(mask), tf.constant([3, 4], tf.int64), config)
+  want = tf.image.resize(mask[..., None], (12, 16), method='nearest')[..., 0].numpy()
+  got = out['mask'].numpy()
+  np.testing.assert_array_equal(got[:12, :16], want)
+  assert (got[12:] == 255).all() and (got[:, 16:] == 255).all()
+  assert (out['image'].numpy()[12:] == 0).all()
+
+
+def test_augment_above_scale_one_crops_the_scaled_frame():
+  """At scale 2 every crop equals the same window of the frame resized to 2x image_size."""
+  image, mask = _frame()
+  config = _plain(image_size=(18, 24), scale_min=2.0, scale_max=2.0)
+  scaled = tf.image.resize(mask[..., None], (36, 48), method='nearest')[..., 0].numpy()
+  windows = {scaled[t:t + 18, l:l + 24].tobytes() for t in range(19) for l in range(25)}
+  for seed in range(5):
+    out = data.augment(tf.constant(image), tf.constant(mask),
+                       tf.constant([seed, 9], tf.int64), config)
+    assert out['mask'].numpy().tobytes() in windows
+
+
+def test_crop_size_sets_the_training_crop_but_not_the_scale():
+  image, mask = _frame()
+  config = _plain(image_size=(24, 32), crop_size=(8, 16), scale_min=1.0, scale_max=1.0)
+  whole = tf.image.resize(mask[..., None], (24, 32), method='nearest')[..., 0].numpy()
+  windows = {whole[t:t + 8, l:l + 16].tobytes() for t in range(17) for l in range(17)}
+  for seed in range(4):
+    out = data.augment(tf.constant(image), tf.constant(mask),
+                       tf.constant([seed, 1], tf.int64), config)
+    assert out['image'].shape == (8, 16, 3)
+    assert out['mask'].numpy().tobytes() in windows

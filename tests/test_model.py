@@ -140,3 +140,14 @@ def test_summary_works(seed_unet):
   lines = []
   seed_unet.summary(print_fn=lambda line, **kwargs: lines.append(line))
   assert any('logits' in line for line in lines)
+
+
+def test_any_size_model_takes_crops_with_the_same_weights():
+  fixed = model_lib.build_unet(3, image_size=(32, 32), base_filters=4, depth=2)
+  free = model_lib.build_unet(3, image_size=(32, 32), base_filters=4, depth=2, any_size=True)
+  assert tuple(free.input_shape) == (None, None, None, 3)
+  assert [w.shape for w in fixed.weights] == [w.shape for w in free.weights]
+  free.set_weights(fixed.get_weights())
+  x = np.random.default_rng(0).random((1, 32, 32, 3), np.float32)
+  np.testing.assert_allclose(free(x, training=False), fixed(x, training=False), atol=1e-5)
+  assert tuple(free(np.zeros((2, 16, 48, 3), np.float32)).shape) == (2, 16, 48, 3)

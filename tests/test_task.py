@@ -194,3 +194,23 @@ def test_early_stopping_and_vertex_ai_dirs(smoke_data, tmp_path):
   assert not (tmp_path / 'aip_model' / 'checkpoints').exists()
   proc = run_module(*args, env=env)
   assert proc.returncode == 0 and f'epoch {len(epochs_done) + 1}/6' not in proc.stdout
+
+
+def test_training_crops_and_sparse_validation(smoke_data, tmp_path):
+  """Crops smaller than image_size train the same weights that whole frames are served with."""
+  hparams = tmp_path / 'hp.json'
+  hparams.write_text(json.dumps({'epochs': 3, 'eval_every_epochs': 2, 'crop_size': [16, 24],
+                                 'image_size': [32, 32], 'bn_momentum': 0.9}))
+  model_dir = tmp_path / 'model'
+  proc = run_module('trainer.task', *SMOKE, '--data_dir', smoke_data, '--model_dir', model_dir,
+                    '--hparams_file', hparams)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  rows = _history(model_dir)
+  # Validated after epoch 2 (every 2nd) and epoch 3 (the last) only.
+  assert [bool(row['val_mean_iou']) for row in rows] == [False, True, True]
+  metrics = json.loads((model_dir / 'metrics.json').read_text())
+  assert metrics['num_examples'] == 6 and metrics['mean_iou'] is not None
+  import keras  # pylint: disable=g-import-not-at-top
+  served = keras.models.load_model(model_dir / 'export' / 'model.keras')
+  assert tuple(served.input_shape) == (None, 32, 32, 3)
+  assert served.layers[2].momentum == 0.9

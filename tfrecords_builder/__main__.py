@@ -8,6 +8,7 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags
 
+from tfrecords_builder import fileio
 from tfrecords_builder import verify as verify_lib
 from tfrecords_builder import writer
 from tfrecords_builder.errors import InputError, run_app
@@ -59,6 +60,7 @@ def main(argv):
   if not _OUTPUT_DIR.value:
     raise InputError('--output_dir is required')
   if _VERIFY.value:
+    fileio.check_bucket(_OUTPUT_DIR.value, '--output_dir')
     problems = verify_lib.verify(_OUTPUT_DIR.value)
     for problem in problems:
       print(f'error: {problem}', file=sys.stderr)

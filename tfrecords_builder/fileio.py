@@ -10,7 +10,10 @@ import uuid
 
 import tensorflow as tf
 
+from tfrecords_builder.errors import InputError
+
 TMP_MARKER = '.tmp-'
+GCS_PREFIX = 'gs://'
 
 
 def temp_path(path: str) -> str:
@@ -34,3 +37,34 @@ def write_atomic(path: str, data: bytes | str) -> None:
     if tf.io.gfile.exists(tmp):
       tf.io.gfile.remove(tmp)
     raise
+
+
+def check_bucket(path: str | None, flag: str) -> None:
+  """Fails fast, with one line naming `flag` and `path`, when a gs:// path's bucket is unusable.
+
+  TF's GCS filesystem reports a missing bucket only as "HTTP response code 404" at the first
+  read, and its makedirs under a missing bucket never returns (it walks up the path looking for
+  an existing parent, and the bucket never is one); a forbidden bucket gives raw HTTP text. Local
+  paths (and None) pass unchecked. Credentials are TF's own: Application Default Credentials,
+  which is Workload Identity on GKE and the attached service account on Compute Engine and
+  Vertex AI; no key file.
+
+  Raises:
+    InputError: the bucket does not exist, or this account may not use it.
+  """
+  if not path or not path.startswith(GCS_PREFIX):
+    return
+  bucket = GCS_PREFIX + path[len(GCS_PREFIX):].split('/', 1)[0]
+  try:
+    tf.io.gfile.stat(bucket)  # The bucket's metadata (storage.buckets.get).
+    return
+  except tf.errors.NotFoundError:
+    raise InputError(f'{flag} {path}: bucket {bucket} does not exist') from None
+  except tf.errors.PermissionDeniedError:
+    pass  # An account with object access only may still read and write: try the path itself.
+  try:
+    tf.io.gfile.exists(path)
+  except tf.errors.PermissionDeniedError:
+    raise InputError(f'{flag} {path}: permission denied on bucket {bucket} for this account '
+                     '(Application Default Credentials); it needs storage.buckets.get and '
+                     'object read/write there') from None

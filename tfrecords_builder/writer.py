@@ -29,7 +29,7 @@ from tfrecords_builder import features
 from tfrecords_builder import layouts
 from tfrecords_builder import manifest as manifest_lib
 from tfrecords_builder.errors import InputError
-from tfrecords_builder.fileio import is_temp, temp_path, write_atomic
+from tfrecords_builder.fileio import check_bucket, is_temp, temp_path, write_atomic
 from tfrecords_builder.layouts import join
 
 # ~8 MB shards of 480x360 PNG frames: enough shards to spread across workers and to shard by
@@ -339,6 +339,8 @@ def build(input_dir: str, output_dir: str, *, layout: str | None = None,
     raise InputError(f'--unknown_color {options.unknown_color}: must be one of '
                      f'{", ".join(UNKNOWN_COLOR_MODES)}')
   input_dir, output_dir = input_dir.rstrip('/'), output_dir.rstrip('/')
+  check_bucket(input_dir, '--input_dir')
+  check_bucket(output_dir, '--output_dir')
   dataset = layouts.discover(input_dir, layout)
   shard_counts = {}
   for split, pairs in dataset.splits.items():

@@ -91,27 +91,42 @@ def _uniform(seed, low, high, dtype=tf.float32):
 def augment(image: tf.Tensor, mask: tf.Tensor, seed: tf.Tensor, config) -> dict:
   """Random scale, crop (void-padded), flip and photometric jitter; masks only ever nearest.
 
+  Geometrically this is: resize the frame to image_size * scale, pad it with void up to the
+  crop size (config.crop_size, default image_size), take a random crop of that size. It is
+  computed the cheap way round: the crop window is found in source pixels first and only that
+  window is resized, so the cost follows the output size, not the (larger) source frame.
+
   Args:
-    image: float32 [H, W, 3] in [0, 1].
+    image: uint8 or float32 [H, W, 3] (float in [0, 1]).
     mask: uint8 [H, W], void = 255.
     seed: int64 [2] stateless seed.
     config: the trainer Config.
+
+  Returns:
+    {'image': float32 [height, width, 3] in [0, 1], 'mask': uint8 [height, width]}, of size
+    config.crop_size (default image_size).
   """
-  height, width = config.image_size
+  height, width = config.crop_size or config.image_size
   seeds = tf.random.experimental.stateless_split(seed, num=7)
+  source = tf.shape(image)[:2]
   # Scale 1 maps the whole frame onto image_size, the geometry evaluation uses.
   scale = _uniform(seeds[0], config.scale_min, config.scale_max)
-  new_h = tf.cast(tf.round(height * scale), tf.int32)
-  new_w = tf.cast(tf.round(width * scale), tf.int32)
-  image = tf.image.resize(image, [new_h, new_w], method='bilinear', antialias=True)
-  mask = tf.image.resize(mask[..., None], [new_h, new_w], method='nearest')[..., 0]
-  pad_h, pad_w = tf.maximum(height - new_h, 0), tf.maximum(width - new_w, 0)
-  image = tf.pad(image, [[0, pad_h], [0, pad_w], [0, 0]])
-  mask = tf.pad(mask, [[0, pad_h], [0, pad_w]], constant_values=features.IGNORE_LABEL)
-  top = _uniform(seeds[1], 0, new_h + pad_h - height + 1, tf.int32)
-  left = _uniform(seeds[2], 0, new_w + pad_w - width + 1, tf.int32)
-  image = image[top:top + height, left:left + width]
-  mask = mask[top:top + height, left:left + width]
+  new_h = tf.cast(tf.round(config.image_size[0] * scale), tf.int32)
+  new_w = tf.cast(tf.round(config.image_size[1] * scale), tf.int32)
+  top = _uniform(seeds[1], 0, tf.maximum(new_h - height, 0) + 1, tf.int32)
+  left = _uniform(seeds[2], 0, tf.maximum(new_w - width, 0) + 1, tf.int32)
+  # The part of the crop the scaled frame covers; the rest (when scale < 1) is void padding.
+  valid_h, valid_w = tf.minimum(height, new_h - top), tf.minimum(width, new_w - left)
+  y0, y1 = _source_range(top, valid_h, new_h, source[0])
+  x0, x1 = _source_range(left, valid_w, new_w, source[1])
+  window = image[y0:y1, x0:x1]
+  if window.dtype == tf.uint8:
+    window = tf.cast(window, tf.float32) * (1.0 / 255.0)
+  image = tf.image.resize(window, [valid_h, valid_w], method='bilinear', antialias=True)
+  mask = tf.image.resize(mask[y0:y1, x0:x1, None], [valid_h, valid_w], method='nearest')[..., 0]
+  image = tf.pad(image, [[0, height - valid_h], [0, width - valid_w], [0, 0]])
+  mask = tf.pad(mask, [[0, height - valid_h], [0, width - valid_w]],
+                constant_values=features.IGNORE_LABEL)
   if config.hflip:
     flip = _uniform(seeds[3], 0.0, 1.0) < 0.5
     image = tf.cond(flip, lambda: tf.reverse(image, [1]), lambda: image)
@@ -130,8 +145,17 @@ def augment(image: tf.Tensor, mask: tf.Tensor, seed: tf.Tensor, config) -> dict:
   return {'image': image, 'mask': mask}
 
 
-def _void_example(config, label_size=None, valid=None):
-  height, width = config.image_size
+def _source_range(start: tf.Tensor, length: tf.Tensor, scaled: tf.Tensor,
+                  source: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+  """Source pixel range [lo, hi) behind [start, start + length) of a frame scaled to `scaled`."""
+  ratio = tf.cast(source, tf.float32) / tf.cast(scaled, tf.float32)
+  lo = tf.cast(tf.floor(tf.cast(start, tf.float32) * ratio), tf.int32)
+  hi = tf.cast(tf.round(tf.cast(start + length, tf.float32) * ratio), tf.int32)
+  return lo, tf.clip_by_value(hi, lo + 1, source)
+
+
+def _void_example(config, label_size=None, valid=None, crop=False):
+  height, width = (config.crop_size if crop else None) or config.image_size
   label_size = label_size or (height, width)
   element = {'image': tf.zeros([height, width, 3], tf.float32),
              'mask': tf.fill(label_size, tf.constant(features.IGNORE_LABEL, tf.uint8))}
@@ -140,40 +164,94 @@ def _void_example(config, label_size=None, valid=None):
   return element
 
 
+class TrainInput:
+  """Builds each epoch's training stream; keeps decoded frames in memory across epochs.
+
+  Decoding a 480x360 PNG costs more than all the augmentation after it, so when a pipeline's
+  share of the train split fits in config.cache_decoded_mb the decoded uint8 frames are kept
+  (tf.data's in-memory cache, filled during the first epoch and shared by the datasets of later
+  epochs, which is why one object must build them all) and each epoch is a seeded permutation
+  of them. Larger data is streamed from the shards every epoch instead.
+  """
+
+  def __init__(self, manifest: Manifest, config):
+    self._manifest = manifest
+    self._config = config
+    self._cached = {}  # input_pipeline_id -> cached decoded dataset
+
+  def cache_bytes(self, num_pipelines: int = 1) -> int | None:
+    """Decoded size of the largest pipeline share, or None when frame sizes vary."""
+    size = self._manifest.split('train').get('image_size')
+    if size is None:
+      return None
+    largest = max(pipeline_share(self._manifest, 'train', num_pipelines, i).num_examples
+                  for i in range(num_pipelines))
+    return largest * size[0] * size[1] * 4  # 3 image bytes + 1 mask byte per pixel.
+
+  def caches(self, num_pipelines: int = 1) -> bool:
+    need = self.cache_bytes(num_pipelines)
+    return need is not None and need <= self._config.cache_decoded_mb * 2**20
+
+  def __call__(self, ctx: tf.distribute.InputContext | None = None, epoch: int = 0,
+               skip_steps: int = 0) -> tf.data.Dataset:
+    """One epoch of per-replica training batches {'image', 'mask'} for this input pipeline.
+
+    Args:
+      ctx: the input context from distribute_datasets_from_function (None: one pipeline).
+      epoch: seeds the shuffle, so each epoch has its own order and a rerun the same one.
+      skip_steps: batches of this epoch already trained on (resume mid-epoch).
+    """
+    manifest, config = self._manifest, self._config
+    ctx = _context(ctx)
+    per_replica = ctx.get_per_replica_batch_size(config.batch_size)
+    per_pipeline = per_replica * (ctx.num_replicas_in_sync // ctx.num_input_pipelines)
+    steps = config.steps_per_epoch or steps_per_pass(manifest, 'train', config.batch_size,
+                                                     ctx.num_input_pipelines)
+    share = pipeline_share(manifest, 'train', ctx.num_input_pipelines, ctx.input_pipeline_id)
+    seed = _epoch_seed(config.seed, epoch)
+    if self.caches(ctx.num_input_pipelines):
+      examples = self._decoded(share, ctx)
+      if config.steps_per_epoch:
+        examples = examples.repeat()  # A fixed number of steps may span several passes.
+      # All frames are in memory, so the shuffle is a full permutation of the share.
+      examples = examples.shuffle(max(share.num_examples, 1), seed=seed)
+    else:
+      examples = _records(share, ctx, shuffle_seed=seed)
+      if config.steps_per_epoch:
+        examples = examples.repeat()
+      examples = examples.shuffle(config.shuffle_buffer, seed=seed)
+    skip = skip_steps * per_pipeline
+    # Skipping happens before decoding/augmenting, and augmentation is seeded by position.
+    examples = examples.enumerate().skip(skip)
+
+    def decode_and_augment(index, element):
+      if not isinstance(element, dict):
+        element = _decode(element)
+      return augment(element['image'], element['mask'],
+                     tf.stack([tf.constant(seed, tf.int64), index]), config)
+
+    examples = examples.map(decode_and_augment, num_parallel_calls=AUTOTUNE, deterministic=True)
+    padding = tf.data.Dataset.from_tensors(_void_example(config, crop=True)).repeat()
+    examples = examples.concatenate(padding).take(max(steps * per_pipeline - skip, 0))
+    return examples.batch(per_replica, drop_remainder=True).prefetch(AUTOTUNE)
+
+  def _decoded(self, share: PipelineShare, ctx: tf.distribute.InputContext) -> tf.data.Dataset:
+    key = ctx.input_pipeline_id
+    if key not in self._cached:
+      self._cached[key] = _records(share, ctx, shuffle_seed=None).map(
+          _decode, num_parallel_calls=AUTOTUNE, deterministic=True).cache()
+    return self._cached[key]
+
+
+def _decode(record: tf.Tensor) -> dict:
+  example = features.parse_example(record)
+  return {'image': example['image'], 'mask': example['mask']}
+
+
 def train_dataset(manifest: Manifest, config, ctx: tf.distribute.InputContext | None = None,
                   epoch: int = 0, skip_steps: int = 0) -> tf.data.Dataset:
-  """One epoch of per-replica training batches {'image', 'mask'} for this input pipeline.
-
-  Args:
-    manifest: the builder manifest of the data dir.
-    config: the trainer Config.
-    ctx: the input context from distribute_datasets_from_function (None: one pipeline).
-    epoch: seeds the shuffle, so each epoch has its own order and a rerun the same one.
-    skip_steps: batches of this epoch already trained on (resume mid-epoch).
-  """
-  ctx = _context(ctx)
-  per_replica = ctx.get_per_replica_batch_size(config.batch_size)
-  per_pipeline = per_replica * (ctx.num_replicas_in_sync // ctx.num_input_pipelines)
-  steps = config.steps_per_epoch or steps_per_pass(manifest, 'train', config.batch_size,
-                                                   ctx.num_input_pipelines)
-  share = pipeline_share(manifest, 'train', ctx.num_input_pipelines, ctx.input_pipeline_id)
-  seed = _epoch_seed(config.seed, epoch)
-  records = _records(share, ctx, shuffle_seed=seed)
-  if config.steps_per_epoch:
-    records = records.repeat()  # A fixed number of steps may span several passes.
-  records = records.shuffle(config.shuffle_buffer, seed=seed).enumerate()
-  skip = skip_steps * per_pipeline
-  records = records.skip(skip)
-
-  def decode_and_augment(index, record):
-    example = features.parse_example(record)
-    image = tf.image.convert_image_dtype(example['image'], tf.float32)
-    return augment(image, example['mask'], tf.stack([tf.constant(seed, tf.int64), index]), config)
-
-  examples = records.map(decode_and_augment, num_parallel_calls=AUTOTUNE, deterministic=True)
-  padding = tf.data.Dataset.from_tensors(_void_example(config)).repeat()
-  examples = examples.concatenate(padding).take(max(steps * per_pipeline - skip, 0))
-  return examples.batch(per_replica, drop_remainder=True).prefetch(AUTOTUNE)
+  """One epoch of training batches (see TrainInput; this one keeps no cache across calls)."""
+  return TrainInput(manifest, config)(ctx, epoch, skip_steps)
 
 
 def eval_global_batch(manifest: Manifest, split: str, config, num_replicas: int) -> int:

@@ -68,6 +68,9 @@ def main(argv):
   for flag in (_MODEL_DIR, _DATA_DIR):
     if not flag.value:
       raise ConfigError(f'--{flag.name} is required')
+  from tfrecords_builder import fileio  # pylint: disable=g-import-not-at-top
+  for flag in (_MODEL_DIR, _DATA_DIR, _OUTPUT):
+    fileio.check_bucket(flag.value, f'--{flag.name}')
   result = evaluate_model_dir(_MODEL_DIR.value, _DATA_DIR.value, _SPLIT.value)
   text = json.dumps(result, indent=2) + '\n'
   if _OUTPUT.value:

@@ -15,7 +15,8 @@ from collections.abc import Sequence
 import keras
 
 
-def _conv_bn_relu(x, filters: int, prefix: str, index: int, sync_batchnorm: bool):
+def _conv_bn_relu(x, filters: int, prefix: str, index: int, sync_batchnorm: bool,
+                  bn_momentum: float):
   """Applies one 3x3 'same' convolution, batch normalisation and ReLU.
 
   The convolution keeps its bias (the Keras default) because the seed notebook did; the
@@ -24,7 +25,7 @@ def _conv_bn_relu(x, filters: int, prefix: str, index: int, sync_batchnorm: bool
   """
   x = keras.layers.Conv2D(filters, 3, padding='same', name=f'{prefix}_conv{index}')(x)
   x = keras.layers.BatchNormalization(
-      synchronized=sync_batchnorm, name=f'{prefix}_bn{index}')(x)
+      momentum=bn_momentum, synchronized=sync_batchnorm, name=f'{prefix}_bn{index}')(x)
   return keras.layers.ReLU(name=f'{prefix}_relu{index}')(x)
 
 
@@ -34,7 +35,9 @@ def build_unet(num_classes: int,
                depth: int = 4,
                dropout: float = 0.5,
                name: str = 'unet',
-               sync_batchnorm: bool = False) -> keras.Model:
+               sync_batchnorm: bool = False,
+               any_size: bool = False,
+               bn_momentum: float = 0.99) -> keras.Model:
   """Builds a U-Net that maps [0, 1]-scaled RGB images to per-pixel class logits.
 
   Args:
@@ -50,6 +53,9 @@ def build_unet(num_classes: int,
     sync_batchnorm: Use synchronized BatchNormalization, so batch statistics are computed over
       the global batch across replicas. Needed when a multi-replica run must match a
       single-replica run exactly; costs an all-reduce per BN layer.
+    bn_momentum: BatchNormalization's moving-average momentum (Keras' default 0.99).
+    any_size: Accept inputs of any height and width that are multiples of 2**depth (for
+      training on crops); the weights are the same as with the fixed image_size input.
 
   Returns:
     An uncompiled `keras.Model` with input [None, H, W, 3] and float32 logits
@@ -74,7 +80,7 @@ def build_unet(num_classes: int,
     raise ValueError(
         f'image_size {tuple(image_size)} must be positive and divisible by 2**depth = {stride}')
 
-  inputs = keras.Input(shape=(height, width, 3), name='image')
+  inputs = keras.Input(shape=(None, None, 3) if any_size else (height, width, 3), name='image')
   x = inputs
 
   # Encoder: keep each level's pre-pool activation as the skip connection.
@@ -82,16 +88,16 @@ def build_unet(num_classes: int,
   for level in range(1, depth + 1):
     filters = base_filters * 2**(level - 1)
     prefix = f'enc{level}'
-    x = _conv_bn_relu(x, filters, prefix, 1, sync_batchnorm)
-    x = _conv_bn_relu(x, filters, prefix, 2, sync_batchnorm)
+    x = _conv_bn_relu(x, filters, prefix, 1, sync_batchnorm, bn_momentum)
+    x = _conv_bn_relu(x, filters, prefix, 2, sync_batchnorm, bn_momentum)
     skips.append(x)
     x = keras.layers.MaxPooling2D(2, name=f'{prefix}_pool')(x)
   if dropout > 0:
     x = keras.layers.Dropout(dropout, name=f'enc{depth}_dropout')(x)
 
   bottleneck_filters = base_filters * 2**depth
-  x = _conv_bn_relu(x, bottleneck_filters, 'bottleneck', 1, sync_batchnorm)
-  x = _conv_bn_relu(x, bottleneck_filters, 'bottleneck', 2, sync_batchnorm)
+  x = _conv_bn_relu(x, bottleneck_filters, 'bottleneck', 1, sync_batchnorm, bn_momentum)
+  x = _conv_bn_relu(x, bottleneck_filters, 'bottleneck', 2, sync_batchnorm, bn_momentum)
   if dropout > 0:
     x = keras.layers.Dropout(dropout, name='bottleneck_dropout')(x)
 
@@ -102,8 +108,8 @@ def build_unet(num_classes: int,
     x = keras.layers.Conv2DTranspose(
         filters, 3, strides=2, padding='same', name=f'{prefix}_up')(x)
     x = keras.layers.Concatenate(name=f'{prefix}_concat')([x, skips[depth - level]])
-    x = _conv_bn_relu(x, filters, prefix, 1, sync_batchnorm)
-    x = _conv_bn_relu(x, filters, prefix, 2, sync_batchnorm)
+    x = _conv_bn_relu(x, filters, prefix, 1, sync_batchnorm, bn_momentum)
+    x = _conv_bn_relu(x, filters, prefix, 2, sync_batchnorm, bn_momentum)
     # The seed notebook regularises every decoder level except the one feeding the head.
     if dropout > 0 and level < depth:
       x = keras.layers.Dropout(dropout, name=f'{prefix}_dropout')(x)

@@ -172,6 +172,8 @@ def main(argv):
   if _BATCH_SIZE.value < 1:
     raise InputError(f'--batch_size {_BATCH_SIZE.value}: must be at least 1')
 
+  for flag in (_MODEL_DIR, _INPUT, _OUTPUT_DIR):
+    fileio.check_bucket(flag.value, f'--{flag.name}')
   # Input first: listing is cheap, loading the SavedModel is not.
   images = list_images(_INPUT.value)
   serve, labels = load_export(_MODEL_DIR.value)

@@ -21,10 +21,13 @@ class Summaries:
       self._writers = {split: tf.summary.create_file_writer(f'{log_dir}/{split}')
                        for split in ('train', 'val')}
 
-  def epoch(self, epoch: int, train: dict, val: dict, learning_rate: float) -> None:
+  def epoch(self, epoch: int, train: dict, val: dict | None, learning_rate: float) -> None:
+    """Epoch scalars; `val` is None for an epoch that was not validated."""
     if not self._writers:
       return
     for split, values in (('train', train), ('val', val)):
+      if values is None:
+        continue
       with self._writers[split].as_default(step=epoch):
         for key in ('loss', 'pixel_accuracy', 'mean_iou'):
           if values.get(key) is not None:

@@ -88,6 +88,8 @@ def resolve_config(preset: str) -> configs.Config:
 
 def _read_hparams(path: str) -> dict:
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from tfrecords_builder import fileio  # pylint: disable=g-import-not-at-top
+  fileio.check_bucket(path, '--hparams_file')
   try:
     with tf.io.gfile.GFile(path) as f:
       values = json.load(f)

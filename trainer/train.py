@@ -28,6 +28,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tfrecords_builder import fileio
 from tfrecords_builder import manifest as manifest_lib
 from tfrecords_builder.fileio import write_atomic
 from trainer import configs
@@ -49,10 +50,13 @@ class Preempted(Exception):
   """Raised after a SIGTERM once the backup is saved; the entry point exits retryably."""
 
 
-def build_model(config: configs.Config, num_classes: int) -> keras.Model:
+def build_model(config: configs.Config, num_classes: int, training: bool = False) -> keras.Model:
+  """The config's U-Net; the training one takes crops, others whole frames at image_size."""
   return model_lib.build_unet(num_classes, image_size=config.image_size,
                               base_filters=config.base_filters, depth=config.depth,
-                              dropout=config.dropout, sync_batchnorm=config.sync_batchnorm)
+                              dropout=config.dropout, sync_batchnorm=config.sync_batchnorm,
+                              any_size=training and config.crop_size is not None,
+                              bn_momentum=config.bn_momentum)
 
 
 def class_weights_for(config: configs.Config, manifest) -> np.ndarray | None:
@@ -258,6 +262,9 @@ def run(config: configs.Config, data_dir: str, model_dir: str, *,
     Preempted: SIGTERM received; a backup was saved first.
   """
   configs.validate(config)
+  for flag, path in (('--data_dir', data_dir), ('--model_dir', model_dir),
+                     ('AIP_CHECKPOINT_DIR', checkpoint_dir), ('AIP_TENSORBOARD_LOG_DIR', log_dir)):
+    fileio.check_bucket(path, flag)
   model_dir = model_dir.rstrip('/')
   manifest = manifest_lib.read(data_dir.rstrip('/'))
   for split in ('train', 'val'):
@@ -292,7 +299,7 @@ def run(config: configs.Config, data_dir: str, model_dir: str, *,
                                                                       class_weights)))
 
   with strategy.scope():
-    model = build_model(config, num_classes)
+    model = build_model(config, num_classes, training=True)
     optimizer = make_optimizer(config, total_steps, steps_per_epoch)
     optimizer.build(model.trainable_variables)
   # Bookkeeping only the Python loop reads: plain variables, identical on every worker.
@@ -332,6 +339,11 @@ def run(config: configs.Config, data_dir: str, model_dir: str, *,
   # collective under MultiWorkerMirroredStrategy); only the chief's summaries writer records them.
   fixed_frames = data.first_examples(manifest, 'val', config, config.num_summary_images)
   steps = make_steps(model, optimizer, strategy, config, num_classes, class_weights)
+  train_input = data.TrainInput(manifest, config)
+  cached = train_input.caches(runtime.num_workers)
+  log(f'train frames: {"decoded once, kept in memory" if cached else "decoded every epoch"} '
+      f'({(train_input.cache_bytes(runtime.num_workers) or 0) / 2**20:.0f} MiB decoded per '
+      f'worker; cache_decoded_mb {config.cache_decoded_mb})')
 
   profiler = _Profiler(config.profile_steps if runtime.is_chief else None,
                        f'{log_dir}/profile', log)
@@ -340,7 +352,7 @@ def run(config: configs.Config, data_dir: str, model_dir: str, *,
       epoch, start_step = int(epoch_var), int(step_in_epoch)
       started = time.perf_counter()
       dataset = strategy.distribute_datasets_from_function(
-          lambda ctx, e=epoch, s=start_step: data.train_dataset(manifest, config, ctx, e, s))
+          lambda ctx, e=epoch, s=start_step: train_input(ctx, e, s))
       iterator = iter(dataset)
       totals = [0.0, 0.0, np.zeros([num_classes] * 2, np.int64)]
       step = start_step
@@ -362,16 +374,20 @@ def run(config: configs.Config, data_dir: str, model_dir: str, *,
       train_seconds = time.perf_counter() - started
       train_result = {'loss': float(totals[0] / max(totals[1], 1e-6))}
       train_result.update(metrics_lib.compute_metrics(totals[2], class_names))
-      val_result = evaluate(steps, runtime, manifest, 'val', config, class_names)
+      validate = (epoch + 1) % config.eval_every_epochs == 0 or epoch + 1 == config.epochs
+      val_result = (evaluate(steps, runtime, manifest, 'val', config, class_names) if validate
+                    else {'loss': None, 'pixel_accuracy': None, 'mean_iou': None})
       seconds = time.perf_counter() - started
       lr = current_learning_rate(optimizer)
       images_per_s = (step - start_step) * config.batch_size / max(train_seconds, 1e-9)
-      log(f'epoch {epoch + 1}/{config.epochs}: loss {train_result["loss"]:.4f}, val loss '
-          f'{val_result["loss"]:.4f}, val pixel acc {val_result["pixel_accuracy"]:.4f}, val mIoU '
-          f'{val_result["mean_iou"]:.4f} (train {train_seconds:.1f} s, {images_per_s:.1f} img/s; '
-          f'val {seconds - train_seconds:.1f} s)')
-      summaries.epoch(epoch, train_result, val_result, lr)
-      if fixed_frames:
+      message = f'epoch {epoch + 1}/{config.epochs}: loss {train_result["loss"]:.4f}'
+      if validate:
+        message += (f', val loss {val_result["loss"]:.4f}, val pixel acc '
+                    f'{val_result["pixel_accuracy"]:.4f}, val mIoU {val_result["mean_iou"]:.4f}')
+      log(message + f' (train {train_seconds:.1f} s, {images_per_s:.1f} img/s'
+          + (f'; val {seconds - train_seconds:.1f} s)' if validate else ')'))
+      summaries.epoch(epoch, train_result, val_result if validate else None, lr)
+      if fixed_frames and validate:
         images = np.stack([f['image'] for f in fixed_frames])
         logits = model(images, training=False)
         summaries.overlays(epoch, fixed_frames, list(np.argmax(logits, -1)))
@@ -387,7 +403,7 @@ def run(config: configs.Config, data_dir: str, model_dir: str, *,
           'seconds': round(seconds, 2), 'train_images_per_s': round(images_per_s, 2)}]
       if runtime.is_chief:
         history_lib.write(history_path, rows)
-      if (val_result['mean_iou'] or 0.0) > float(best_miou):
+      if validate and (val_result['mean_iou'] or 0.0) > float(best_miou):
         best_miou.assign(val_result['mean_iou'])
         best_epoch.assign(epoch)
         save(best_manager)

@@ -132,6 +132,9 @@ def main(argv):
   process_role = tuner_lib.role()
   bounds = _bounds()
   base, epochs = _base_config(bounds)
+  from tfrecords_builder import fileio  # pylint: disable=g-import-not-at-top
+  for flag in (_DATA_DIR, _OUTPUT_DIR):
+    fileio.check_bucket(flag.value, f'--{flag.name}')
   _check_data(_DATA_DIR.value)
   output_dir = _OUTPUT_DIR.value.rstrip('/')
   settings = _settings(epochs)

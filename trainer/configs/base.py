@@ -21,9 +21,17 @@ class Config:
   # device with the global batch, and every replica holds the same moving statistics (so the
   # distributed evaluation and the exported model agree). Costs one all-reduce per BN layer.
   sync_batchnorm: bool = True
+  # Moving-average momentum of BatchNorm's inference statistics. Keras' 0.99 needs ~500 steps to
+  # forget its initial (0, 1) statistics, so short runs evaluate with wrong ones; 0.9 suits runs
+  # of a few thousand steps.
+  bn_momentum: float = 0.99
   # Input pipeline (trainer/data.py). image_size is the model input (height, width): training
   # crops and the size evaluation and serving resize frames to.
   image_size: tuple[int, int] = (256, 256)
+  # Training crop (height, width), None = image_size. Smaller crops of the same scaled frames
+  # make a step cheaper (the model is fully convolutional and trained with free spatial size);
+  # evaluation and serving still see whole frames at image_size.
+  crop_size: tuple[int, int] | None = None
   batch_size: int = 8  # Global, across all replicas and workers.
   scale_min: float = 0.75  # Random scale range before cropping (1.0 = whole frame fits).
   scale_max: float = 1.5
@@ -31,7 +39,10 @@ class Config:
   brightness: float = 0.1  # Max brightness delta ([0, 1] pixel scale); 0 disables.
   contrast: float = 0.1  # Contrast factor range 1 +/- contrast; 0 disables.
   saturation: float = 0.1
-  shuffle_buffer: int = 512
+  shuffle_buffer: int = 512  # Examples; used when frames are streamed, not cached.
+  # Keep decoded train frames in memory when one input pipeline's share fits in this many MiB
+  # (CamVid's 367 frames: 254 MiB); 0 streams and decodes every epoch.
+  cache_decoded_mb: int = 2048
   # Optimisation.
   epochs: int = 20
   steps_per_epoch: int | None = None  # None = one pass over the training split.
@@ -52,6 +63,7 @@ class Config:
   # Evaluation.
   eval_flip: bool = False  # Test-time horizontal flip averaging (also baked into the export).
   eval_batch_size: int | None = None  # Global; None = batch_size.
+  eval_every_epochs: int = 1  # Validate after every n-th epoch and after the last.
   # Runtime.
   seed: int = 42
   mixed_precision: str = 'auto'  # auto | float32 | mixed_float16 | mixed_bfloat16
@@ -141,11 +153,16 @@ def validate(config: Config) -> None:
   if any(s <= 0 or s % stride for s in config.image_size):
     raise ValueError(f'image_size: {config.image_size[0]}x{config.image_size[1]} must be '
                      f'positive multiples of 2**depth = {stride}')
+  if config.crop_size is not None and any(s <= 0 or s % stride for s in config.crop_size):
+    raise ValueError(f'crop_size: {config.crop_size[0]}x{config.crop_size[1]} must be '
+                     f'positive multiples of 2**depth = {stride}')
   checks = {
       'batch_size': config.batch_size >= 1, 'epochs': config.epochs >= 1,
       'learning_rate': config.learning_rate > 0, 'dropout': 0 <= config.dropout < 1,
+      'bn_momentum': 0 <= config.bn_momentum < 1,
       'scale_min': 0 < config.scale_min <= config.scale_max,
       'steps_per_loop': config.steps_per_loop >= 1,
+      'eval_every_epochs': config.eval_every_epochs >= 1,
       'steps_per_epoch': config.steps_per_epoch is None or config.steps_per_epoch >= 1,
       'base_filters': config.base_filters >= 1, 'depth': config.depth >= 1,
       'warmup_epochs': config.warmup_epochs >= 0,

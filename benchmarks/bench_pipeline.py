@@ -1,0 +1,83 @@
+"""Training input pipeline throughput (read shards, decode, augment, batch) without the model.
+
+    python benchmarks/bench_pipeline.py --data_dir D [--image_size 256x256] [--epochs 4]
+
+Runs the trainer's own TrainInput (the `small` preset's augmentation at --image_size) for a few
+epochs and reports images/s of the steady state (epochs after the first, which also decodes the
+frames into the in-memory cache), twice: on all cores, and in a child process pinned to one core
+(sched_setaffinity before TensorFlow starts, so every tf.data thread shares that core). Also
+reports the streaming path (cache off: decode every epoch) for comparison.
+Last line: RESULT images_per_s_per_core=<float>
+"""
+
+import argparse
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import time
+
+
+def measure(data_dir: str, image_size: tuple[int, int], epochs: int, cache_mb: int) -> dict:
+  """Images/s of the first epoch and of the later ones, in this process."""
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+  # pylint: disable=g-import-not-at-top
+  from tfrecords_builder import manifest as manifest_lib
+  from trainer import configs
+  from trainer import data
+  manifest = manifest_lib.read(data_dir)
+  config = configs.get_config('small').replace(image_size=image_size, crop_size=None,
+                                                  cache_decoded_mb=cache_mb)
+  train_input = data.TrainInput(manifest, config)
+  rates = []
+  for epoch in range(epochs):
+    start, images = time.perf_counter(), 0
+    for batch in train_input(epoch=epoch):
+      images += int(batch['image'].shape[0])
+    rates.append(images / (time.perf_counter() - start))
+  return {'first': rates[0], 'steady': sum(rates[1:]) / max(len(rates) - 1, 1),
+          'cached': train_input.caches()}
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--data_dir', required=True)
+  parser.add_argument('--image_size', default='256x256')
+  parser.add_argument('--epochs', type=int, default=4)
+  parser.add_argument('--cache_mb', type=int, default=2048)
+  parser.add_argument('--child_cores', type=int, default=0, help=argparse.SUPPRESS)
+  args = parser.parse_args()
+  size = tuple(int(v) for v in args.image_size.split('x'))
+  if args.child_cores:
+    os.sched_setaffinity(0, set(range(args.child_cores)))
+    print(json.dumps(measure(args.data_dir, size, args.epochs, args.cache_mb)))
+    return
+  if not os.path.exists(os.path.join(args.data_dir, 'manifest.json')):
+    sys.exit(f'error: --data_dir {args.data_dir}: no manifest.json (run tfrecords_builder)')
+
+  def child(cores: int, cache_mb: int) -> dict:
+    out = subprocess.run([sys.executable, __file__, '--data_dir', args.data_dir, '--image_size',
+                          args.image_size, '--epochs', str(args.epochs), '--cache_mb',
+                          str(cache_mb), '--child_cores', str(cores)],
+                         check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+  cores = len(os.sched_getaffinity(0))
+  print(f'machine: {cores} cores; data: {args.data_dir}; {args.image_size} crops, batch 8')
+  results = {}
+  for name, n, cache_mb in (('all cores, cached', cores, args.cache_mb),
+                            ('1 core, cached', 1, args.cache_mb),
+                            ('all cores, streamed', cores, 0),
+                            ('1 core, streamed', 1, 0)):
+    results[name] = r = child(n, cache_mb)
+    print(f'{name:>20}: {r["steady"]:7.1f} images/s (first epoch {r["first"]:.1f}; '
+          f'cache {"on" if r["cached"] else "off"})')
+  per_core = results['1 core, cached']['steady']
+  print(f'all cores / one core: {results["all cores, cached"]["steady"] / per_core:.2f}')
+  print(f'RESULT images_per_s_per_core={per_core:.1f}')
+
+
+if __name__ == '__main__':
+  main()
