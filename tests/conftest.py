@@ -47,3 +47,13 @@ def run_module(module, *args, timeout=600, **kwargs):
   import subprocess  # pylint: disable=g-import-not-at-top
   return subprocess.run([sys.executable, '-m', module, *map(str, args)], cwd=REPO,
                         capture_output=True, text=True, timeout=timeout, **kwargs)
+
+
+def event_tags(log_dir) -> set[str]:
+  """Every summary tag in the TensorBoard event files of one run dir (local or gs://)."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  tags = set()
+  for path in tf.io.gfile.glob(f'{log_dir}/events.out.tfevents.*'):
+    for event in tf.compat.v1.train.summary_iterator(path):
+      tags.update(v.tag for v in event.summary.value)
+  return tags

@@ -22,6 +22,21 @@ def _ctx(num_pipelines, pipeline_id, replicas_per_pipeline=1):
                                     num_replicas_in_sync=num_pipelines * replicas_per_pipeline)
 
 
+@pytest.fixture
+def decoded_ids(monkeypatch):
+  """Counts, by source id, every record the pipelines decode (through features.parse_example)."""
+  seen = collections.Counter()
+  original = features.parse_example
+
+  def spy(record):
+    example = original(record)
+    tf.py_function(lambda s: seen.update([s.numpy().decode()]), [example['source_id']], [])
+    return example
+
+  monkeypatch.setattr(data.features, 'parse_example', spy)
+  return seen
+
+
 def _source_masks(manifest, split):
   out = {}
   for path in manifest.shard_paths(split):
@@ -108,24 +123,15 @@ def test_eval_counts_every_example_exactly_once(smoke_data, num_pipelines, expec
 @pytest.mark.parametrize('cache_mb', [2048, 0], ids=['cached', 'streamed'])
 @pytest.mark.parametrize('num_pipelines', [2, 4])
 def test_train_reads_every_example_once_per_epoch(smoke_data, num_pipelines, cache_mb,
-                                                  monkeypatch):
+                                                  decoded_ids):
   """Counts source ids through the real training pipeline (augmentation off the id path)."""
   manifest = manifest_lib.read(str(smoke_data))
   config = _config(batch_size=2 * num_pipelines, cache_decoded_mb=cache_mb)
-  seen = collections.Counter()
-  original = features.parse_example
-
-  def spy(record):
-    example = original(record)
-    tf.py_function(lambda s: seen.update([s.numpy().decode()]), [example['source_id']], [])
-    return example
-
-  monkeypatch.setattr(data.features, 'parse_example', spy)
   lengths = set()
   for i in range(num_pipelines):
     lengths.add(sum(1 for _ in data.train_dataset(manifest, config, _ctx(num_pipelines, i))))
   assert len(lengths) == 1
-  assert set(seen.values()) == {1} and len(seen) == 24
+  assert set(decoded_ids.values()) == {1} and len(decoded_ids) == 24
 
 
 def test_eval_keeps_label_resolution(smoke_data):
@@ -141,24 +147,15 @@ def test_batch_must_divide_across_replicas():
     data.check_batch(8, 3, '--batch_size')
 
 
-def test_cache_decodes_each_frame_once_across_epochs(smoke_data, monkeypatch):
+def test_cache_decodes_each_frame_once_across_epochs(smoke_data, decoded_ids):
   manifest = manifest_lib.read(str(smoke_data))
-  decoded = collections.Counter()
-  original = features.parse_example
-
-  def spy(record):
-    example = original(record)
-    tf.py_function(lambda s: decoded.update([s.numpy().decode()]), [example['source_id']], [])
-    return example
-
-  monkeypatch.setattr(data.features, 'parse_example', spy)
   for cache_mb, expected in ((2048, 1), (0, 3)):
-    decoded.clear()
+    decoded_ids.clear()
     train_input = data.TrainInput(manifest, _config(batch_size=4, cache_decoded_mb=cache_mb))
     assert train_input.caches() == bool(cache_mb)
     for epoch in range(3):
       assert sum(1 for _ in train_input(epoch=epoch)) == 6
-    assert len(decoded) == 24 and set(decoded.values()) == {expected}
+    assert len(decoded_ids) == 24 and set(decoded_ids.values()) == {expected}
 
 
 def _frame(height=36, width=48):

@@ -31,7 +31,7 @@ import pytest
 import tensorflow as tf
 
 import gcs_harness
-from conftest import REPO, run_module
+from conftest import REPO, event_tags, run_module
 from gcs_harness import BUCKET, DENIED_BUCKET, gcs, gcs_process_env  # pylint: disable=unused-import
 
 pytestmark = pytest.mark.emulator
@@ -198,11 +198,8 @@ def test_run_outputs_land_on_gcs(faulty_gcs, gcs_model):
   assert faulty_gcs.exists(f'{MODEL}/export/serving/saved_model.pb')
   assert not _temporaries(faulty_gcs, f'{MODEL}/'), _temporaries(faulty_gcs, f'{MODEL}/')
   # TensorBoard reads its event files straight from the bucket (TF's GCS filesystem).
-  tags = set()
   with gcs_harness.process_env(faulty_gcs):
-    for path in tf.io.gfile.glob(f'{MODEL}/logs/val/events.out.tfevents.*'):
-      for event in tf.compat.v1.train.summary_iterator(path):
-        tags.update(v.tag for v in event.summary.value)
+    tags = event_tags(f'{MODEL}/logs/val')
   assert {'epoch_loss', 'epoch_mean_iou', 'confusion_matrix', 'iou/Road'} <= tags
 
 

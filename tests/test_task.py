@@ -2,7 +2,6 @@
 
 import csv
 import json
-import pathlib
 import signal
 import subprocess
 import sys
@@ -11,7 +10,7 @@ import time
 import pytest
 import tensorflow as tf
 
-from conftest import REPO, run_module
+from conftest import REPO, event_tags, run_module
 
 SMOKE = ('--config', 'smoke')
 
@@ -19,14 +18,6 @@ SMOKE = ('--config', 'smoke')
 def _history(model_dir):
   with open(model_dir / 'history.csv') as f:
     return list(csv.DictReader(f))
-
-
-def _event_tags(log_dir):
-  tags = set()
-  for path in pathlib.Path(log_dir).glob('events.out.tfevents.*'):
-    for event in tf.compat.v1.train.summary_iterator(str(path)):
-      tags.update(v.tag for v in event.summary.value)
-  return tags
 
 
 def test_smoke_run_end_to_end_then_evaluate(smoke_data, tmp_path):
@@ -50,8 +41,8 @@ def test_smoke_run_end_to_end_then_evaluate(smoke_data, tmp_path):
   export = model_dir / 'export'
   assert (export / 'model.keras').is_file() and (export / 'serving' / 'saved_model.pb').is_file()
   assert json.loads((export / 'labels.json').read_text())['classes'][3]['name'] == 'Road'
-  assert {'epoch_loss', 'epoch_mean_iou', 'learning_rate'} <= _event_tags(model_dir / 'logs/train')
-  val_tags = _event_tags(model_dir / 'logs/val')
+  assert {'epoch_loss', 'epoch_mean_iou', 'learning_rate'} <= event_tags(model_dir / 'logs/train')
+  val_tags = event_tags(model_dir / 'logs/val')
   assert {'epoch_loss', 'epoch_mean_iou', 'confusion_matrix', 'overlays', 'iou/Road'} <= val_tags
 
   report = tmp_path / 'eval.json'

@@ -6,7 +6,6 @@ distributed mode (a chief and 2 workers on 127.0.0.1), and the oracles, space an
 import json
 import os
 import pathlib
-import shutil
 import socket
 import subprocess
 import sys
@@ -16,7 +15,7 @@ import keras_tuner
 import pytest
 import tensorflow as tf
 
-from conftest import REPO, run_module
+from conftest import REPO, event_tags, run_module
 from trainer.errors import ConfigError
 from tuning import results
 from tuning import space
@@ -46,14 +45,6 @@ def _hparams_events(path):
           found.append(plugin_data_pb2.HParamsPluginData.FromString(
               value.metadata.plugin_data.content))
   return found
-
-
-def _scalar_tags(path):
-  tags = set()
-  for event_file in pathlib.Path(path).glob('events.out.tfevents.*'):
-    for event in tf.compat.v1.train.summary_iterator(str(event_file)):
-      tags.update(v.tag for v in event.summary.value)
-  return tags
 
 
 @pytest.fixture(scope='module')
@@ -117,8 +108,8 @@ def test_smoke_search_writes_results_and_tensorboard(search):
     assert len(starts) == 1  # Also for the resumed trial.
     assert starts[0].hparams['learning_rate'].number_value == pytest.approx(
         trial['hyperparameters']['learning_rate'])
-    assert 'val_mean_iou' in _scalar_tags(run)
-    assert 'epoch_mean_iou' in _scalar_tags(run / 'val')
+    assert 'val_mean_iou' in event_tags(run)
+    assert 'epoch_mean_iou' in event_tags(run / 'val')
 
 
 @pytest.mark.multiprocess

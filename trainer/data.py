@@ -210,16 +210,13 @@ class TrainInput:
     share = pipeline_share(manifest, 'train', ctx.num_input_pipelines, ctx.input_pipeline_id)
     seed = _epoch_seed(config.seed, epoch)
     if self.caches(ctx.num_input_pipelines):
-      examples = self._decoded(share, ctx)
-      if config.steps_per_epoch:
-        examples = examples.repeat()  # A fixed number of steps may span several passes.
       # All frames are in memory, so the shuffle is a full permutation of the share.
-      examples = examples.shuffle(max(share.num_examples, 1), seed=seed)
+      examples, buffer = self._decoded(share, ctx), max(share.num_examples, 1)
     else:
-      examples = _records(share, ctx, shuffle_seed=seed)
-      if config.steps_per_epoch:
-        examples = examples.repeat()
-      examples = examples.shuffle(config.shuffle_buffer, seed=seed)
+      examples, buffer = _records(share, ctx, shuffle_seed=seed), config.shuffle_buffer
+    if config.steps_per_epoch:
+      examples = examples.repeat()  # A fixed number of steps may span several passes.
+    examples = examples.shuffle(buffer, seed=seed)
     skip = skip_steps * per_pipeline
     # Skipping happens before decoding/augmenting, and augmentation is seeded by position.
     examples = examples.enumerate().skip(skip)
