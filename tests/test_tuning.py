@@ -58,9 +58,16 @@ def search(smoke_data, tmp_path_factory):
   proc = subprocess.Popen([sys.executable, *args], cwd=REPO, stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True)
   # The smoke preset backs up every 4 steps (6 steps per epoch): kill -9 after that backup.
+  # It counts once the checkpoint state file names it (written after the data and index files);
+  # killing between the index and that file would leave nothing to resume from.
   backup = output_dir / 'keras_tuner' / 'trial_1' / 'checkpoints' / 'ckpt-4.index'
+  state = backup.parent / 'checkpoint'
+
+  def backed_up():
+    return state.exists() and 'model_checkpoint_path: "ckpt-4"' in state.read_text()
+
   deadline = time.time() + 300
-  while time.time() < deadline and proc.poll() is None and not backup.exists():
+  while time.time() < deadline and proc.poll() is None and not backed_up():
     time.sleep(0.05)
   proc.kill()
   first_out, first_err = proc.communicate()
