@@ -27,6 +27,7 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 # pylint: disable=g-import-not-at-top
+import trainer  # pylint: disable=unused-import  # First: sets TensorFlow's CPU options.
 import keras
 import numpy as np
 import tensorflow as tf
@@ -104,6 +105,7 @@ def main():
     data_dir = args.data_dir or generated_data(tmp)
     manifest = manifest_lib.read(data_dir)
     size = config.crop_size or config.image_size
+    print(f'oneDNN kernels: TF_ENABLE_ONEDNN_OPTS={os.environ["TF_ENABLE_ONEDNN_OPTS"]}')
     print(f'machine: {os.cpu_count()} cores; preset {args.config}: {size[0]}x{size[1]} training '
           f'inputs, batch {config.batch_size}; {args.steps} steps per epoch')
     trainer = trainer_rate(config, data_dir, os.path.join(tmp, 'model'))

@@ -174,9 +174,31 @@ def test_augment_at_scale_one_is_the_whole_frame_resized():
   config = _plain(image_size=(24, 32), scale_min=1.0, scale_max=1.0)
   out = data.augment(tf.constant(image), tf.constant(mask), tf.constant([1, 2], tf.int64), config)
   want_mask = tf.image.resize(mask[..., None], (24, 32), method='nearest')[..., 0]
-  want_image = tf.image.resize(image / 255.0, (24, 32), antialias=True)
+  # Shrinking by less than 2x (36x48 -> 24x32) uses plain bilinear.
+  want_image = tf.image.resize(image / 255.0, (24, 32))
   np.testing.assert_array_equal(out['mask'].numpy(), want_mask.numpy())
   np.testing.assert_allclose(out['image'].numpy(), want_image.numpy(), atol=1e-5)
+
+
+def test_augment_antialiases_only_when_shrinking_more_than_2x():
+  image, mask = _frame()
+  config = _plain(image_size=(12, 16), scale_min=1.0, scale_max=1.0)  # 3x smaller.
+  out = data.augment(tf.constant(image), tf.constant(mask), tf.constant([1, 2], tf.int64), config)
+  want_image = tf.image.resize(image / 255.0, (12, 16), antialias=True)
+  np.testing.assert_allclose(out['image'].numpy(), want_image.numpy(), atol=1e-5)
+  aliased = tf.image.resize(image / 255.0, (12, 16)).numpy()
+  assert np.abs(out['image'].numpy() - aliased).max() > 0.05
+  want_mask = tf.image.resize(mask[..., None], (12, 16), method='nearest')[..., 0]
+  np.testing.assert_array_equal(out['mask'].numpy(), want_mask.numpy())
+
+
+@pytest.mark.parametrize('source,size', [((36, 48), (24, 32)), ((37, 50), (13, 71)),
+                                         ((5, 7), (40, 3)), ((360, 480), (144, 193))])
+def test_resize_nearest_matches_tf_image_resize(source, size):
+  mask = np.random.default_rng(1).integers(0, 256, source, np.uint8)
+  want = tf.image.resize(mask[..., None], size, method='nearest')[..., 0].numpy()
+  got = data._resize_nearest(tf.constant(mask), tf.constant(size)).numpy()  # pylint: disable=protected-access
+  np.testing.assert_array_equal(got, want)
 
 
 def test_augment_below_scale_one_pads_with_void():
