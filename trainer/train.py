@@ -403,7 +403,8 @@ def run(config: configs.Config, data_dir: str, model_dir: str, *,
           'seconds': round(seconds, 2), 'train_images_per_s': round(images_per_s, 2)}]
       if runtime.is_chief:
         history_lib.write(history_path, rows)
-      if validate and (val_result['mean_iou'] or 0.0) > float(best_miou):
+      if validate and ((val_result['mean_iou'] or 0.0) >
+                       float(best_miou) + config.early_stopping_min_delta):
         best_miou.assign(val_result['mean_iou'])
         best_epoch.assign(epoch)
         save(best_manager)

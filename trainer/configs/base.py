@@ -60,6 +60,9 @@ class Config:
   class_weighting: str = 'none'  # none | median_frequency | inverse_sqrt
   max_class_weight: float | None = None
   early_stopping_patience: int | None = None  # Stop after this many epochs without a new best.
+  # A validation is a new best (checkpointed to best/, resetting the patience) only when its
+  # mIoU beats the previous best by more than this; tiny wobbles then do not keep a run alive.
+  early_stopping_min_delta: float = 0.0
   # Evaluation.
   eval_flip: bool = False  # Test-time horizontal flip averaging (also baked into the export).
   eval_batch_size: int | None = None  # Global; None = batch_size.
@@ -170,6 +173,7 @@ def validate(config: Config) -> None:
       'peer_timeout_seconds': config.peer_timeout_seconds >= 1,
       'early_stopping_patience': (config.early_stopping_patience is None or
                                   config.early_stopping_patience >= 1),
+      'early_stopping_min_delta': 0 <= config.early_stopping_min_delta < 1,
   }
   for name, ok in checks.items():
     if not ok:
