@@ -3,8 +3,8 @@
     python benchmarks/bench_pipeline.py --data_dir D [--image_size 256x256] [--epochs 4]
 
 Runs the trainer's own TrainInput (the `small` preset's augmentation at --image_size) for a few
-epochs and reports images/s of the steady state (epochs after the first, which also decodes the
-frames into the in-memory cache), twice: on all cores, and in a child process pinned to one core
+epochs, as one dataset the way the trainer does, and reports images/s of the steady state
+(epochs after the first, which also decodes the frames into the in-memory cache), twice: on all cores, and in a child process pinned to one core
 (sched_setaffinity before TensorFlow starts, so every tf.data thread shares that core). Also
 reports the streaming path (cache off: decode every epoch) for comparison.
 Last line: RESULT images_per_s_per_core=<float>
@@ -31,13 +31,20 @@ def measure(data_dir: str, image_size: tuple[int, int], epochs: int, cache_mb: i
   config = configs.get_config('small').replace(image_size=image_size, crop_size=None,
                                                   cache_decoded_mb=cache_mb)
   train_input = data.TrainInput(manifest, config)
-  rates = []
-  for epoch in range(epochs):
-    start, images = time.perf_counter(), 0
-    for batch in train_input(epoch=epoch):
-      images += int(batch['image'].shape[0])
-    rates.append(images / (time.perf_counter() - start))
-  return {'first': rates[0], 'steady': sum(rates[1:]) / max(len(rates) - 1, 1),
+  steps = data.steps_per_pass(manifest, 'train', config.batch_size, 1)
+  # One dataset for all epochs, as the trainer iterates it; the first epoch is timed apart.
+  # Exactly the batches the epochs hold, pulled the way the trainer pulls them (a fixed number
+  # of steps, never running into the end of the dataset).
+  times, images = [time.perf_counter()], 0
+  iterator = iter(train_input(num_epochs=epochs))
+  for step in range(1, steps * epochs + 1):
+    images += int(next(iterator)['image'].shape[0])
+    if step == steps:
+      times.append(time.perf_counter())
+  times.append(time.perf_counter())
+  per_epoch = images / epochs
+  return {'first': per_epoch / (times[1] - times[0]),
+          'steady': (images - per_epoch) / (times[2] - times[1]),
           'cached': train_input.caches()}
 
 

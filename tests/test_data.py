@@ -93,6 +93,28 @@ def test_skip_resumes_the_same_stream(smoke_data, cache_mb):
     np.testing.assert_array_equal(a['mask'].numpy(), b['mask'].numpy())
 
 
+@pytest.mark.parametrize('cache_mb', [2048, 0], ids=['cached', 'streamed'])
+def test_one_dataset_of_several_epochs_is_the_epochs_in_a_row(smoke_data, cache_mb):
+  """The trainer's single multi-epoch dataset = its per-epoch datasets, resume skip included."""
+  manifest = manifest_lib.read(str(smoke_data))
+  config = _config(batch_size=4, cache_decoded_mb=cache_mb)
+  train_input = data.TrainInput(manifest, config)
+  joined = list(train_input(epoch=1, skip_steps=2, num_epochs=3))
+  parts = (list(train_input(epoch=1, skip_steps=2)) + list(train_input(epoch=2)) +
+           list(train_input(epoch=3)))
+  assert len(joined) == len(parts) == 4 + 6 + 6
+  for a, b in zip(joined, parts):
+    np.testing.assert_array_equal(a['image'].numpy(), b['image'].numpy())
+    np.testing.assert_array_equal(a['mask'].numpy(), b['mask'].numpy())
+
+
+def test_a_multi_epoch_dataset_decodes_each_frame_once(smoke_data, decoded_ids):
+  manifest = manifest_lib.read(str(smoke_data))
+  train_input = data.TrainInput(manifest, _config(batch_size=4))
+  assert sum(1 for _ in train_input(num_epochs=3)) == 18
+  assert len(decoded_ids) == 24 and set(decoded_ids.values()) == {1}
+
+
 @pytest.mark.parametrize('num_pipelines, expect_record_level', [(1, False), (2, False),
                                                                 (3, True), (4, True)])
 def test_eval_counts_every_example_exactly_once(smoke_data, num_pipelines, expect_record_level):
@@ -234,3 +256,23 @@ def test_crop_size_sets_the_training_crop_but_not_the_scale():
                        tf.constant([seed, 1], tf.int64), config)
     assert out['image'].shape == (8, 16, 3)
     assert out['mask'].numpy().tobytes() in windows
+
+
+def test_photometric_equals_tf_image_ops_in_sequence():
+  """The fused batch pass = flip, brightness, contrast, grey-blend saturation, clip, per image."""
+  rng = np.random.default_rng(5)
+  image = rng.uniform(0, 255, (3, 6, 8, 3)).astype(np.float32)
+  mask = rng.integers(0, 12, (3, 6, 8)).astype(np.uint8)
+  flip = np.array([True, False, True])
+  jitter = np.array([[0.08, 1.1, 0.9], [-0.05, 0.9, 1.2], [0.0, 1.0, 1.0]], np.float32)
+  out = data.photometric({'image': tf.constant(image), 'mask': tf.constant(mask),
+                          'flip': tf.constant(flip), 'jitter': tf.constant(jitter)})
+  for i in range(3):
+    x, m = image[i] / 255.0, mask[i]
+    if flip[i]:
+      x, m = x[:, ::-1], m[:, ::-1]
+    x = tf.image.adjust_contrast(tf.image.adjust_brightness(x, jitter[i, 0]), jitter[i, 1])
+    grey = tf.image.rgb_to_grayscale(x)
+    want = tf.clip_by_value(grey + jitter[i, 2] * (x - grey), 0.0, 1.0)
+    np.testing.assert_allclose(out['image'][i].numpy(), want.numpy(), atol=1e-5)
+    np.testing.assert_array_equal(out['mask'][i].numpy(), m)

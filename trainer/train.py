@@ -347,13 +347,17 @@ def run(config: configs.Config, data_dir: str, model_dir: str, *,
 
   profiler = _Profiler(config.profile_steps if runtime.is_chief else None,
                        f'{log_dir}/profile', log)
+  # One dataset for all remaining epochs (each yields exactly steps_per_epoch batches, the
+  # first fewer by the steps already done): a new dataset per epoch made every epoch wait for
+  # its pipeline to be built and started.
+  iterator = None
   with _SigtermFlag() as sigterm:
     while int(epoch_var) < config.epochs and not bool(stopped.numpy()):
       epoch, start_step = int(epoch_var), int(step_in_epoch)
       started = time.perf_counter()
-      dataset = strategy.distribute_datasets_from_function(
-          lambda ctx, e=epoch, s=start_step: train_input(ctx, e, s))
-      iterator = iter(dataset)
+      if iterator is None:
+        iterator = iter(strategy.distribute_datasets_from_function(
+            lambda ctx, e=epoch, s=start_step: train_input(ctx, e, s, config.epochs - e)))
       totals = [0.0, 0.0, np.zeros([num_classes] * 2, np.int64)]
       step = start_step
       while step < steps_per_epoch:
