@@ -179,3 +179,61 @@ def test_class_weights_validation():
     losses.class_weights_from_counts([1, -1], 'none')
   np.testing.assert_array_equal(
       losses.class_weights_from_counts([0, 0], 'median_frequency'), [1.0, 1.0])
+
+
+def _lovasz_reference(labels, probs, ignore_label=255):
+  """The paper's algorithm for one batch, in numpy (Berman et al. 2018, 'present' classes)."""
+  labels = labels.reshape(-1)
+  probs = probs.reshape(-1, probs.shape[-1])
+  keep = labels != ignore_label
+  labels, probs = labels[keep], probs[keep]
+  losses_per_class = []
+  for c in range(probs.shape[1]):
+    fg = (labels == c).astype(np.float64)
+    if fg.sum() == 0:
+      continue
+    errors = np.abs(fg - probs[:, c])
+    order = np.argsort(-errors, kind='stable')
+    fg_sorted = fg[order]
+    gts = fg_sorted.sum()
+    jaccard = 1.0 - (gts - np.cumsum(fg_sorted)) / (gts + np.cumsum(1.0 - fg_sorted))
+    jaccard[1:] = jaccard[1:] - jaccard[:-1]
+    losses_per_class.append(np.dot(errors[order], jaccard))
+  return np.mean(losses_per_class) if losses_per_class else 0.0
+
+
+def test_lovasz_at_certain_predictions_is_one_minus_iou_of_present_classes():
+  # Class 0: 1 pixel, predicted right (IoU 1). Class 1: 2 pixels, one called 2 (IoU 1/2).
+  # Class 2: 1 pixel, predicted 2 twice (IoU 1/2). Class 3: absent from the labels although
+  # predicted once, so left out. The void pixel's prediction counts for nothing.
+  labels = np.array([[[0, 1, 1, 2, 255]]])
+  predicted = np.array([[[0, 1, 2, 2, 3]]])
+  logits = tf.one_hot(predicted, 4) * 60.0
+  want = (0.0 + 0.5 + 0.5) / 3
+  assert float(losses.lovasz_softmax(labels, logits)) == pytest.approx(want, abs=1e-6)
+
+
+def test_lovasz_matches_the_reference_algorithm_on_soft_predictions():
+  rng = np.random.default_rng(3)
+  labels = rng.integers(0, 5, (2, 6, 7))
+  labels[0, :2] = 255
+  labels[labels == 4] = 1  # Class 4 absent.
+  logits = rng.normal(size=(2, 6, 7, 5)).astype(np.float32)
+  probs = tf.nn.softmax(logits).numpy().astype(np.float64)
+  got = float(losses.lovasz_softmax(labels, logits))
+  assert got == pytest.approx(_lovasz_reference(labels, probs), abs=1e-5)
+
+
+def test_lovasz_ignores_void_and_is_zero_without_valid_pixels():
+  labels = np.full((1, 2, 3), 255)
+  logits = tf.Variable(np.random.default_rng(0).normal(size=(1, 2, 3, 4)).astype(np.float32))
+  with tf.GradientTape() as tape:
+    loss = losses.lovasz_softmax(labels, logits)
+  grad = tape.gradient(loss, logits)
+  assert float(loss) == 0.0
+  assert grad is None or not np.any(grad.numpy())
+  labels[0, 0, 0] = 1
+  with tf.GradientTape() as tape:
+    loss = losses.lovasz_softmax(labels, logits)
+  grad = tape.gradient(loss, logits).numpy()
+  assert np.all(np.isfinite(grad)) and np.any(grad[0, 0, 0]) and not np.any(grad[0, 1])

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import math
 import signal
 import subprocess
 import sys
@@ -192,8 +193,10 @@ def test_early_stopping_and_vertex_ai_dirs(smoke_data, tmp_path):
 def test_training_crops_and_sparse_validation(smoke_data, tmp_path):
   """Crops smaller than image_size train the same weights that whole frames are served with."""
   hparams = tmp_path / 'hp.json'
+  # Also trains with the Lovasz term on, which must leave a finite loss in every epoch.
   hparams.write_text(json.dumps({'epochs': 3, 'eval_every_epochs': 2, 'crop_size': [16, 24],
-                                 'image_size': [32, 32], 'bn_momentum': 0.9}))
+                                 'image_size': [32, 32], 'bn_momentum': 0.9,
+                                 'lovasz_weight': 0.5}))
   model_dir = tmp_path / 'model'
   proc = run_module('trainer.task', *SMOKE, '--data_dir', smoke_data, '--model_dir', model_dir,
                     '--hparams_file', hparams)
@@ -201,6 +204,7 @@ def test_training_crops_and_sparse_validation(smoke_data, tmp_path):
   rows = _history(model_dir)
   # Validated after epoch 2 (every 2nd) and epoch 3 (the last) only.
   assert [bool(row['val_mean_iou']) for row in rows] == [False, True, True]
+  assert all(math.isfinite(float(row['train_loss'])) for row in rows)
   metrics = json.loads((model_dir / 'metrics.json').read_text())
   assert metrics['num_examples'] == 6 and metrics['mean_iou'] is not None
   import keras  # pylint: disable=g-import-not-at-top

@@ -7,6 +7,10 @@ averaging per-replica means would not. `mean_pixel_loss` is the single-device co
 
 Void pixels (the ignore label, or any label outside [0, num_classes)) get weight 0 and are
 gathered with a safe index, so they contribute neither loss nor gradient and never produce NaN.
+
+`lovasz_softmax` is the exception: the Lovasz extension of the Jaccard loss (Berman et al.,
+CVPR 2018) optimises IoU directly and is not a sum over pixels, so it is a mean per batch,
+added on top of the pixel loss with its own weight.
 """
 
 from collections.abc import Sequence
@@ -98,6 +102,46 @@ def mean_pixel_loss(labels, logits, epsilon: float = 1e-8, **kwargs) -> tf.Tenso
   """
   loss_sum, weight_sum = pixel_loss_sum(labels, logits, **kwargs)
   return loss_sum / tf.maximum(weight_sum, epsilon)
+
+
+def lovasz_softmax(labels, logits, ignore_label: int = 255) -> tf.Tensor:
+  """Lovasz-softmax loss of one batch: the mean over classes present in it (Berman et al. 2018).
+
+  Per class c, with e_i = |[label_i = c] - p_i(c)| the errors of the valid pixels sorted in
+  decreasing order, the loss is sum_i e_i * g_i, where g is the discrete gradient of the Jaccard
+  loss along that order: the convex (Lovasz) extension of 1 - IoU_c evaluated at the errors.
+  Classes absent from the batch's labels are left out (the paper's 'present' variant), so a
+  batch without pedestrians is not pushed to predict none with certainty on every pixel.
+
+  Args:
+    labels: Integer class indices [B, H, W]; `ignore_label` or any label outside [0, C) is void.
+    logits: Unnormalised scores [B, H, W, C]; cast to float32 first.
+    ignore_label: Label value marking void pixels.
+
+  Returns:
+    float32 scalar; 0 for a batch with no valid pixel.
+  """
+  logits = tf.cast(logits, tf.float32)
+  num_classes = tf.shape(logits)[-1]
+  labels = tf.reshape(tf.cast(labels, tf.int32), [-1])
+  valid = tf.logical_and(tf.not_equal(labels, ignore_label),
+                         tf.logical_and(labels >= 0, labels < num_classes))
+  labels = tf.boolean_mask(labels, valid)
+  probs = tf.boolean_mask(tf.reshape(tf.nn.softmax(logits), [-1, num_classes]), valid)
+  # [C, P]: one row of ground truth and errors per class.
+  truth = tf.transpose(tf.one_hot(labels, num_classes, dtype=tf.float32))
+  errors = tf.abs(truth - tf.transpose(probs))
+  order = tf.argsort(errors, axis=1, direction='DESCENDING', stable=True)
+  errors = tf.gather(errors, order, batch_dims=1)
+  truth = tf.gather(truth, order, batch_dims=1)
+  positives = tf.reduce_sum(truth, axis=1, keepdims=True)
+  intersection = positives - tf.cumsum(truth, axis=1)
+  union = positives + tf.cumsum(1.0 - truth, axis=1)
+  jaccard = 1.0 - intersection / union  # union >= 1 from the first pixel on.
+  grad = tf.concat([jaccard[:, :1], jaccard[:, 1:] - jaccard[:, :-1]], axis=1)
+  per_class = tf.reduce_sum(errors * grad, axis=1)
+  present = tf.cast(positives[:, 0] > 0, tf.float32)
+  return tf.reduce_sum(per_class * present) / tf.maximum(tf.reduce_sum(present), 1.0)
 
 
 def class_weights_from_counts(pixel_counts: Sequence[float] | np.ndarray,

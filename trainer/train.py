@@ -121,8 +121,15 @@ def make_steps(model, optimizer, strategy, config, num_classes, class_weights) -
       logits = model(batch['image'], training=True)
       loss_sum, weight_sum = losses.pixel_loss_sum(batch['mask'], logits, **loss_kw)
       # The exact global weighted mean: gradients are summed over replicas by the optimizer.
-      global_weight = tf.distribute.get_replica_context().all_reduce('sum', weight_sum)
+      context = tf.distribute.get_replica_context()
+      global_weight = context.all_reduce('sum', weight_sum)
       loss = loss_sum / tf.maximum(global_weight, 1e-6)
+      if config.lovasz_weight:
+        # A per-replica batch mean (not a pixel sum): the replicas' gradients sum to the mean
+        # over replicas. Reported in the train loss weighted by the replica's pixel weight.
+        lovasz = config.lovasz_weight * losses.lovasz_softmax(batch['mask'], logits)
+        loss += lovasz / context.num_replicas_in_sync
+        loss_sum += lovasz * weight_sum
       scaled = optimizer.scale_loss(loss) if scale_loss else loss
     grads = tape.gradient(scaled, model.trainable_variables)
     optimizer.apply_gradients(zip(grads, model.trainable_variables))

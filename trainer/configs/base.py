@@ -59,6 +59,9 @@ class Config:
   focal_gamma: float = 2.0
   class_weighting: str = 'none'  # none | median_frequency | inverse_sqrt
   max_class_weight: float | None = None
+  # Weight of the Lovasz-softmax term (losses.lovasz_softmax, a direct IoU surrogate) added to
+  # the pixel loss in training; 0 = off. Reported train loss includes it, val loss does not.
+  lovasz_weight: float = 0.0
   early_stopping_patience: int | None = None  # Stop after this many epochs without a new best.
   # A validation is a new best (checkpointed to best/, resetting the patience) only when its
   # mIoU beats the previous best by more than this; tiny wobbles then do not keep a run alive.
@@ -174,6 +177,7 @@ def validate(config: Config) -> None:
       'early_stopping_patience': (config.early_stopping_patience is None or
                                   config.early_stopping_patience >= 1),
       'early_stopping_min_delta': 0 <= config.early_stopping_min_delta < 1,
+      'lovasz_weight': config.lovasz_weight >= 0,
   }
   for name, ok in checks.items():
     if not ok:
