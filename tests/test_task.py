@@ -130,6 +130,15 @@ def test_unknown_flag_is_a_config_error(tmp_path):
   assert proc.stderr.strip().splitlines()[-1].startswith('error: Unknown command line flag')
 
 
+@pytest.mark.parametrize('module', ['tfrecords_builder', 'trainer.task', 'trainer.evaluate',
+                                    'trainer.predict', 'tuning.tune'])
+def test_every_entry_point_rejects_stray_arguments_in_one_line(module):
+  proc = run_module(module, 'stray')
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert proc.stderr.strip().splitlines()[-1] == 'error: unexpected arguments: stray'
+  assert 'Traceback' not in proc.stderr
+
+
 def test_summary_only_prints_the_keras_summary():
   proc = run_module('trainer.task', '--config', 'seed_unet', '--summary_only', '--num_classes',
                     '11')

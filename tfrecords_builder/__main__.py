@@ -5,7 +5,6 @@ import sys
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
-from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags
 
 from tfrecords_builder import fileio
@@ -55,8 +54,7 @@ def parse_num_shards(value: str | None) -> int | dict[str, int] | None:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+  del argv  # run_app rejects positional arguments.
   if not _OUTPUT_DIR.value:
     raise InputError('--output_dir is required')
   if _VERIFY.value:

@@ -11,14 +11,12 @@ void excluded, classes absent from labels and predictions left out of the means.
 """
 
 import json
-import logging
 import os
 import sys
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 from absl import flags  # pylint: disable=g-import-not-at-top
-from absl import logging as absl_logging
 
 from tfrecords_builder.errors import run_app
 from trainer.errors import ConfigError
@@ -60,11 +58,7 @@ def evaluate_model_dir(model_dir: str, data_dir: str, split: str) -> dict:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise ConfigError(f'unexpected arguments: {" ".join(argv[1:])}')
-  # TF's Python INFO lines (checkpoint sharding, SavedModel assets) drown the run's own log.
-  absl_logging.set_verbosity(absl_logging.WARNING)
-  logging.getLogger('tensorflow').setLevel(logging.WARNING)
+  del argv  # run_app rejects positional arguments.
   for flag in (_MODEL_DIR, _DATA_DIR):
     if not flag.value:
       raise ConfigError(f'--{flag.name} is required')
@@ -85,7 +79,7 @@ def main(argv):
 
 def run():
   """Console-script entry: user mistakes become one line on stderr and exit code 2."""
-  run_app(main)
+  run_app(main, quiet_tensorflow=True)
 
 
 if __name__ == '__main__':

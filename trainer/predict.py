@@ -24,7 +24,6 @@ import time
 # TensorFlow reads this once, when it is first imported, so it must be set before that.
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
-from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags
 import numpy as np
 from PIL import Image
@@ -164,8 +163,7 @@ class _Predictor:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+  del argv  # run_app rejects positional arguments.
   for flag in (_MODEL_DIR, _INPUT, _OUTPUT_DIR):
     if not flag.value:
       raise InputError(f'--{flag.name} is required')

@@ -8,13 +8,11 @@ saving a backup (rerun the same command to continue).
 """
 
 import json
-import logging
 import os
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 from absl import flags  # pylint: disable=g-import-not-at-top
-from absl import logging as absl_logging
 
 from tfrecords_builder.errors import run_app
 from trainer import configs
@@ -133,11 +131,7 @@ def run_demo() -> None:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise ConfigError(f'unexpected arguments: {" ".join(argv[1:])}')
-  # TF's Python INFO lines (checkpoint sharding, SavedModel assets) drown the run's own log.
-  absl_logging.set_verbosity(absl_logging.WARNING)
-  logging.getLogger('tensorflow').setLevel(logging.WARNING)
+  del argv  # run_app rejects positional arguments.
   if _LOGICAL_CPUS.value:
     from trainer import distribution  # pylint: disable=g-import-not-at-top
     distribution.configure_logical_cpus(_LOGICAL_CPUS.value)
@@ -165,7 +159,8 @@ def run():
   """Console-script entry: one stderr line and a documented exit code for expected failures."""
   from trainer.train import Preempted  # pylint: disable=g-import-not-at-top
   run_app(main, handlers=[(Preempted, EXIT_PREEMPTED,
-                           'preempted (rerun the same command to continue)')])
+                           'preempted (rerun the same command to continue)')],
+          quiet_tensorflow=True)
 
 
 if __name__ == '__main__':

@@ -16,14 +16,12 @@ Exit codes: 0 done; 2 bad flags, config, environment or data (do not retry); 75 
 SIGTERM after the running trial saved a backup (rerun to continue); 1 anything else.
 """
 
-import logging
 import os
 import sys
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 from absl import flags  # pylint: disable=g-import-not-at-top
-from absl import logging as absl_logging
 
 from tfrecords_builder.errors import run_app
 from trainer import configs
@@ -113,11 +111,7 @@ def _search(tuner, process_role: str) -> None:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise ConfigError(f'unexpected arguments: {" ".join(argv[1:])}')
-  # TF's Python INFO lines (checkpoint sharding and the like) drown the search's own log.
-  absl_logging.set_verbosity(absl_logging.WARNING)
-  logging.getLogger('tensorflow').setLevel(logging.WARNING)
+  del argv  # run_app rejects positional arguments.
   if not _DATA_DIR.value:
     raise ConfigError('--data_dir is required (a tfrecords_builder output dir)')
   if not _OUTPUT_DIR.value:
@@ -211,7 +205,8 @@ def run():
   """Console-script entry: one stderr line and a documented exit code for expected failures."""
   from trainer.train import Preempted  # pylint: disable=g-import-not-at-top
   run_app(main, handlers=[(Preempted, EXIT_PREEMPTED,
-                           'preempted (rerun the same command to continue)')])
+                           'preempted (rerun the same command to continue)')],
+          quiet_tensorflow=True)
 
 
 if __name__ == '__main__':
