@@ -28,8 +28,9 @@ def measure(data_dir: str, image_size: tuple[int, int], epochs: int, cache_mb: i
   from trainer import configs
   from trainer import data
   manifest = manifest_lib.read(data_dir)
+  # Batch 8 whatever the preset's batch: the number stays comparable across recipe changes.
   config = configs.get_config('small').replace(image_size=image_size, crop_size=None,
-                                                  cache_decoded_mb=cache_mb)
+                                                  batch_size=8, cache_decoded_mb=cache_mb)
   train_input = data.TrainInput(manifest, config)
   steps = data.steps_per_pass(manifest, 'train', config.batch_size, 1)
   # One dataset for all epochs, as the trainer iterates it; the first epoch is timed apart.
