@@ -25,7 +25,7 @@ def small() -> Config:
     python -m trainer.task --config small --data_dir D --model_dir M
   Result (real CamVid SegNet split, 2-core AMD EPYC VM, float32 with oneDNN; README "Quality
   on real CamVid", run G): val mIoU 0.4803, pixel accuracy 0.8074 (best checkpoint, flip
-  averaging); ~23.5 minutes of wall clock including 4 validations, the final evaluation and
+  averaging); ~24 minutes of wall clock including 4 validations, the final evaluation and
   the export (~31 s per epoch of 92 steps at ~12 training images/s). The recipe's choices
   (crops, batch 4 and no dropout for more updates to an under-fitted model, BatchNorm momentum,
   class weights, validation interval, epochs) come from the ablation recorded there.
