@@ -22,6 +22,12 @@ LOSS_TYPES = ('ce', 'focal')
 CLASS_WEIGHT_METHODS = ('none', 'median_frequency', 'inverse_sqrt')
 
 
+def _valid(labels: tf.Tensor, ignore_label: int, num_classes: tf.Tensor) -> tf.Tensor:
+  """Non-void pixels: not the ignore label and inside [0, num_classes)."""
+  return tf.logical_and(tf.not_equal(labels, ignore_label),
+                        tf.logical_and(labels >= 0, labels < num_classes))
+
+
 def pixel_loss_sum(labels,
                    logits,
                    class_weights=None,
@@ -56,9 +62,7 @@ def pixel_loss_sum(labels,
   num_classes = tf.shape(logits)[-1]
   labels = tf.cast(labels, tf.int32)
 
-  valid = tf.logical_and(
-      tf.not_equal(labels, ignore_label),
-      tf.logical_and(labels >= 0, labels < num_classes))
+  valid = _valid(labels, ignore_label, num_classes)
   # Void pixels are given class 0 only so the gathers below stay in range; their weight is 0
   # and their loss is masked out with tf.where, so the stand-in class never matters.
   safe_labels = tf.where(valid, labels, tf.zeros_like(labels))
@@ -124,8 +128,7 @@ def lovasz_softmax(labels, logits, ignore_label: int = 255) -> tf.Tensor:
   logits = tf.cast(logits, tf.float32)
   num_classes = tf.shape(logits)[-1]
   labels = tf.reshape(tf.cast(labels, tf.int32), [-1])
-  valid = tf.logical_and(tf.not_equal(labels, ignore_label),
-                         tf.logical_and(labels >= 0, labels < num_classes))
+  valid = _valid(labels, ignore_label, num_classes)
   labels = tf.boolean_mask(labels, valid)
   probs = tf.boolean_mask(tf.reshape(tf.nn.softmax(logits), [-1, num_classes]), valid)
   # [C, P]: one row of ground truth and errors per class.
