@@ -151,3 +151,34 @@ def test_any_size_model_takes_crops_with_the_same_weights():
   x = np.random.default_rng(0).random((1, 32, 32, 3), np.float32)
   np.testing.assert_allclose(free(x, training=False), fixed(x, training=False), atol=1e-5)
   assert tuple(free(np.zeros((2, 16, 48, 3), np.float32)).shape) == (2, 16, 48, 3)
+
+
+def test_stem_stride_2_runs_the_same_unet_at_half_resolution():
+  plain = model_lib.build_unet(NUM_CLASSES, image_size=(64, 96), base_filters=4, depth=2)
+  stem = model_lib.build_unet(NUM_CLASSES, image_size=(64, 96), base_filters=4, depth=2,
+                              stem_stride=2)
+  # The same U-Net plus a 3x3 conv 3 -> base_filters and its BatchNorm; enc1_conv1 then reads
+  # base_filters channels instead of 3.
+  assert stem.count_params() == (plain.count_params() + (9 * 3 * 4 + 4) + 4 * 4
+                                 + 9 * (4 - 3) * 4)
+  assert stem.get_layer('stem_conv').strides == (2, 2)
+  assert tuple(stem.get_layer('enc1_relu2').output.shape) == (None, 32, 48, 4)
+  assert tuple(stem.get_layer('logits').output.shape) == (None, 32, 48, NUM_CLASSES)
+  assert tuple(stem.output.shape) == (None, 64, 96, NUM_CLASSES)
+  assert stem.output.dtype == 'float32'
+  logits = np.asarray(stem(np.random.default_rng(0).random((2, 64, 96, 3), np.float32)))
+  assert np.all(np.isfinite(logits))
+  # Bilinear upsampling with half-pixel centres: output pixel 9 sits at coarse coordinate 4.25,
+  # so (9, 9) weighs coarse (4, 4), (4, 5), (5, 4), (5, 5) by 0.75^2, 0.75*0.25, ..., 0.25^2.
+  images = np.random.default_rng(1).random((1, 64, 96, 3), np.float32)
+  coarse = np.asarray(keras.Model(stem.input, stem.get_layer('logits').output)(images))[0]
+  fine = np.asarray(stem(images))[0]
+  expected = (0.5625 * coarse[4, 4] + 0.1875 * coarse[4, 5] + 0.1875 * coarse[5, 4]
+              + 0.0625 * coarse[5, 5])
+  np.testing.assert_allclose(fine[9, 9], expected, atol=1e-5)
+
+
+@pytest.mark.parametrize('kwargs', [{'stem_stride': 3}, {'stem_stride': 2, 'image_size': (36, 48)}])
+def test_bad_stem_stride_or_size_raises(kwargs):
+  with pytest.raises(ValueError, match='stem_stride'):
+    model_lib.build_unet(NUM_CLASSES, **({'image_size': (32, 32), 'depth': 2} | kwargs))

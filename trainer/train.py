@@ -56,7 +56,7 @@ def build_model(config: configs.Config, num_classes: int, training: bool = False
                               base_filters=config.base_filters, depth=config.depth,
                               dropout=config.dropout, sync_batchnorm=config.sync_batchnorm,
                               any_size=training and config.crop_size is not None,
-                              bn_momentum=config.bn_momentum)
+                              bn_momentum=config.bn_momentum, stem_stride=config.stem_stride)
 
 
 def class_weights_for(config: configs.Config, manifest) -> np.ndarray | None:

@@ -17,6 +17,8 @@ class Config:
   base_filters: int = 64
   depth: int = 4
   dropout: float = 0.5
+  # 1 = the notebook's U-Net; 2 = a stride-2 stem runs it at half resolution (model.py says why).
+  stem_stride: int = 1
   # Batch statistics over the global batch: multi-replica runs then train the same model as one
   # device with the global batch, and every replica holds the same moving statistics (so the
   # distributed evaluation and the exported model agree). Costs one all-reduce per BN layer.
@@ -155,13 +157,14 @@ def validate(config: Config) -> None:
   for name, choices in _CHOICES.items():
     if getattr(config, name) not in choices:
       raise ValueError(f'{name}: {getattr(config, name)!r} is not one of {", ".join(choices)}')
-  stride = 2**config.depth
-  if any(s <= 0 or s % stride for s in config.image_size):
-    raise ValueError(f'image_size: {config.image_size[0]}x{config.image_size[1]} must be '
-                     f'positive multiples of 2**depth = {stride}')
-  if config.crop_size is not None and any(s <= 0 or s % stride for s in config.crop_size):
-    raise ValueError(f'crop_size: {config.crop_size[0]}x{config.crop_size[1]} must be '
-                     f'positive multiples of 2**depth = {stride}')
+  if config.stem_stride not in (1, 2):
+    raise ValueError(f'stem_stride: {config.stem_stride!r} is not one of 1, 2')
+  stride = config.stem_stride * 2**config.depth
+  for name in ('image_size', 'crop_size'):
+    size = getattr(config, name)
+    if size is not None and any(s <= 0 or s % stride for s in size):
+      raise ValueError(f'{name}: {size[0]}x{size[1]} must be positive multiples of '
+                       f'stem_stride * 2**depth = {stride}')
   checks = {
       'batch_size': config.batch_size >= 1, 'epochs': config.epochs >= 1,
       'learning_rate': config.learning_rate > 0, 'dropout': 0 <= config.dropout < 1,
