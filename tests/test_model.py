@@ -161,7 +161,7 @@ def test_stem_stride_2_runs_the_same_unet_at_half_resolution():
   # base_filters channels instead of 3.
   assert stem.count_params() == (plain.count_params() + (9 * 3 * 4 + 4) + 4 * 4
                                  + 9 * (4 - 3) * 4)
-  assert stem.get_layer('stem_conv').strides == (2, 2)
+  assert stem.get_layer('stem_conv1').strides == (2, 2)
   assert tuple(stem.get_layer('enc1_relu2').output.shape) == (None, 32, 48, 4)
   assert tuple(stem.get_layer('logits').output.shape) == (None, 32, 48, NUM_CLASSES)
   assert tuple(stem.output.shape) == (None, 64, 96, NUM_CLASSES)

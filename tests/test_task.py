@@ -223,7 +223,7 @@ def test_training_crops_and_sparse_validation(smoke_data, tmp_path):
   served = keras.models.load_model(model_dir / 'export' / 'model.keras')
   assert tuple(served.input_shape) == (None, 32, 32, 3)
   assert tuple(served.output_shape) == (None, 32, 32, 11)
-  assert served.get_layer('stem_conv').strides == (2, 2)
+  assert served.get_layer('stem_conv1').strides == (2, 2)
   assert served.layers[2].momentum == 0.9
 
 

@@ -12,8 +12,8 @@ conv-BN-ReLU blocks) and a 3x3 convolution producing per-pixel class logits.
 `stem_stride=2` puts a strided conv-BN-ReLU in front of that U-Net and bilinearly upsamples its
 logits back to the input size. On a CPU the full-resolution level (few channels over many
 pixels) is memory-bound and costs about two thirds of a training step; the stem removes it, so
-the same filters and parameters train ~2.8x faster per image, or see a larger input at the cost
-of the old one.
+the same filters and parameters train ~3x faster per image (benchmarks/bench_stem.py), or see a
+larger input at the cost of the old one.
 """
 
 from collections.abc import Sequence
@@ -22,14 +22,15 @@ import keras
 
 
 def _conv_bn_relu(x, filters: int, prefix: str, index: int, sync_batchnorm: bool,
-                  bn_momentum: float):
-  """Applies one 3x3 'same' convolution, batch normalisation and ReLU.
+                  bn_momentum: float, strides: int = 1):
+  """Applies one 3x3 'same' convolution (stride `strides`), batch normalisation and ReLU.
 
   The convolution keeps its bias (the Keras default) because the seed notebook did; the
   parameter count and checkpoints therefore match it exactly, even though BN makes the bias
   redundant.
   """
-  x = keras.layers.Conv2D(filters, 3, padding='same', name=f'{prefix}_conv{index}')(x)
+  x = keras.layers.Conv2D(filters, 3, strides=strides, padding='same',
+                          name=f'{prefix}_conv{index}')(x)
   x = keras.layers.BatchNormalization(
       momentum=bn_momentum, synchronized=sync_batchnorm, name=f'{prefix}_bn{index}')(x)
   return keras.layers.ReLU(name=f'{prefix}_relu{index}')(x)
@@ -95,11 +96,7 @@ def build_unet(num_classes: int,
   inputs = keras.Input(shape=(None, None, 3) if any_size else (height, width, 3), name='image')
   x = inputs
   if stem_stride > 1:
-    x = keras.layers.Conv2D(base_filters, 3, strides=stem_stride, padding='same',
-                            name='stem_conv')(x)
-    x = keras.layers.BatchNormalization(momentum=bn_momentum, synchronized=sync_batchnorm,
-                                        name='stem_bn')(x)
-    x = keras.layers.ReLU(name='stem_relu')(x)
+    x = _conv_bn_relu(x, base_filters, 'stem', 1, sync_batchnorm, bn_momentum, stem_stride)
 
   # Encoder: keep each level's pre-pool activation as the skip connection.
   skips = []
