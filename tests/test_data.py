@@ -258,47 +258,6 @@ def test_crop_size_sets_the_training_crop_but_not_the_scale():
     assert out['mask'].numpy().tobytes() in windows
 
 
-def _speck_frame():
-  """A 60x80 frame that is void except a 2x2 block of class 3 near its bottom-left corner."""
-  mask = np.full((60, 80), 255, np.uint8)
-  mask[50:52, 5:7] = 3
-  return np.random.default_rng(1).integers(0, 256, (60, 80, 3), np.uint8), mask
-
-
-@pytest.mark.parametrize('prob, hits', [(1.0, 'all'), (0.0, 'few')])
-def test_class_centred_crops_contain_the_drawn_class(prob, hits):
-  """With class_crop_prob 1 every crop holds the only labelled class; uniform crops mostly miss.
-
-  The crop is still a window of the scaled frame: its mask has the block at most 2x2 pixels
-  scaled, and nothing but void and class 3.
-  """
-  image, mask = _speck_frame()
-  config = _plain(image_size=(64, 64), crop_size=(16, 16), scale_min=0.8, scale_max=1.5,
-                  class_crop_prob=prob)
-  found = 0
-  for seed in range(30):
-    out = data.augment(tf.constant(image), tf.constant(mask), tf.constant([seed, 2], tf.int64),
-                       config)['mask'].numpy()
-    assert set(np.unique(out)) <= {3, 255}
-    found += int((out == 3).any())
-  if hits == 'all':
-    assert found == 30
-  else:
-    assert found <= 5
-
-
-def test_class_centred_crop_of_an_all_void_frame_is_a_uniform_crop():
-  image, mask = _speck_frame()
-  mask[:] = 255
-  seed = tf.constant([4, 2], tf.int64)
-  kw = dict(image_size=(64, 64), crop_size=(16, 16), scale_min=1.2, scale_max=1.2)
-  centred = data.geometric(tf.constant(image), tf.constant(mask), seed,
-                           _plain(class_crop_prob=1.0, **kw))
-  uniform = data.geometric(tf.constant(image), tf.constant(mask), seed, _plain(**kw))
-  np.testing.assert_array_equal(centred['image'].numpy(), uniform['image'].numpy())
-  assert uniform['image'].numpy().std() > 10  # A random frame: a misplaced crop would show.
-
-
 def test_photometric_equals_tf_image_ops_in_sequence():
   """The fused batch pass = flip, brightness, contrast, grey-blend saturation, clip, per image."""
   rng = np.random.default_rng(5)

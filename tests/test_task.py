@@ -205,12 +205,10 @@ def test_training_crops_and_sparse_validation(smoke_data, tmp_path):
   """Crops smaller than image_size train the same weights that whole frames are served with."""
   hparams = tmp_path / 'hp.json'
   # Also trains with the Lovasz term on, which must leave a finite loss in every epoch, and
-  # with the stride-2 stem, whose model must still serve whole frames at image_size, and with
-  # class-centred crops in the input pipeline.
+  # with the stride-2 stem, whose model must still serve whole frames at image_size.
   hparams.write_text(json.dumps({'epochs': 3, 'eval_every_epochs': 2, 'crop_size': [16, 24],
                                  'image_size': [32, 32], 'bn_momentum': 0.9,
-                                 'lovasz_weight': 0.5, 'stem_stride': 2,
-                                 'class_crop_prob': 0.5}))
+                                 'lovasz_weight': 0.5, 'stem_stride': 2}))
   model_dir = tmp_path / 'model'
   proc = run_module('trainer.task', *SMOKE, '--data_dir', smoke_data, '--model_dir', model_dir,
                     '--hparams_file', hparams)

@@ -125,7 +125,7 @@ def geometric(image: tf.Tensor, mask: tf.Tensor, seed: tf.Tensor, config) -> dic
      'flip': bool [], 'jitter': float32 [3] (brightness delta, contrast and saturation factors)}.
   """
   height, width = config.crop_size or config.image_size
-  seeds = tf.random.experimental.stateless_split(seed, num=9)
+  seeds = tf.random.experimental.stateless_split(seed, num=7)
   source = tf.shape(image)[:2]
   # Scale 1 maps the whole frame onto image_size, the geometry evaluation uses.
   scale = _uniform(seeds[0], config.scale_min, config.scale_max)
@@ -133,12 +133,6 @@ def geometric(image: tf.Tensor, mask: tf.Tensor, seed: tf.Tensor, config) -> dic
   new_w = tf.cast(tf.round(config.image_size[1] * scale), tf.int32)
   top = _uniform(seeds[1], 0, tf.maximum(new_h - height, 0) + 1, tf.int32)
   left = _uniform(seeds[2], 0, tf.maximum(new_w - width, 0) + 1, tf.int32)
-  if config.class_crop_prob > 0:
-    top, left = tf.cond(
-        _uniform(seeds[7], 0.0, 1.0) < config.class_crop_prob,
-        lambda: _class_centred_crop(mask, seeds[8], tf.stack([new_h, new_w]),
-                                    tf.constant([height, width]), tf.stack([top, left])),
-        lambda: (top, left))
   # The part of the crop the scaled frame covers; the rest (when scale < 1) is void padding.
   valid_h, valid_w = tf.minimum(height, new_h - top), tf.minimum(width, new_w - left)
   y0, y1 = _source_range(top, valid_h, new_h, source[0])
@@ -206,47 +200,6 @@ def photometric(batch: dict) -> dict:
   """
   image, mask = _photometric(batch['image'], batch['mask'], batch['flip'], batch['jitter'])
   return {'image': image, 'mask': mask}
-
-
-def _class_centred_crop(mask: tf.Tensor, seed: tf.Tensor, scaled: tf.Tensor, crop: tf.Tensor,
-                        fallback: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-  """(top, left) of a crop of the scaled frame that contains a pixel of a randomly drawn class.
-
-  The class is drawn uniformly from the (non-void) classes present in the frame and the pixel
-  uniformly from that class's pixels; the crop is then placed uniformly among the positions
-  that contain it. Drawing classes, not pixels, is what makes thin, rare classes (poles, signs,
-  pedestrians) appear in far more training crops than uniform crops put them in: nnU-Net's
-  foreground oversampling, extended to every class. A frame that is all void keeps `fallback`.
-
-  Args:
-    mask: uint8 [H, W] source mask, void = 255.
-    seed: int64 [2] stateless seed.
-    scaled: int32 [2] size of the scaled frame the crop is taken from.
-    crop: int32 [2] crop size.
-    fallback: int32 [2] the uniform crop's (top, left).
-  """
-  seeds = tf.random.experimental.stateless_split(seed, num=4)
-  labels = tf.cast(mask, tf.int32)
-  counts = tf.math.bincount(tf.reshape(labels, [-1]), minlength=256, maxlength=256)
-  present = tf.cast(tf.where(counts[:features.IGNORE_LABEL] > 0)[:, 0], tf.int32)
-
-  def centred():
-    label = tf.gather(present, _uniform(seeds[0], 0, tf.size(present), tf.int32))
-    pixels = tf.cast(tf.where(tf.equal(labels, label)), tf.int32)
-    pixel = tf.gather(pixels, _uniform(seeds[1], 0, tf.shape(pixels)[0], tf.int32))
-    # The pixel's position in the scaled frame (the centre of its footprint there).
-    source = tf.shape(mask)
-    at = tf.cast((tf.cast(pixel, tf.float32) + 0.5) * tf.cast(scaled, tf.float32) /
-                 tf.cast(source, tf.float32), tf.int32)
-    at = tf.minimum(at, scaled - 1)
-    # Crop starts that keep `at` inside the crop and the crop inside the frame (or at 0 when
-    # the scaled frame is smaller than the crop and gets void padding instead).
-    low = tf.maximum(at - crop + 1, 0)
-    high = tf.minimum(tf.maximum(scaled - crop, 0), at)
-    return (_uniform(seeds[2], low[0], high[0] + 1, tf.int32),
-            _uniform(seeds[3], low[1], high[1] + 1, tf.int32))
-
-  return tf.cond(tf.size(present) > 0, centred, lambda: (fallback[0], fallback[1]))
 
 
 def _resize_nearest(mask: tf.Tensor, size: tf.Tensor) -> tf.Tensor:

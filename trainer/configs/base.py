@@ -37,9 +37,6 @@ class Config:
   batch_size: int = 8  # Global, across all replicas and workers.
   scale_min: float = 0.75  # Random scale range before cropping (1.0 = whole frame fits).
   scale_max: float = 1.5
-  # Probability that a training crop is placed around a pixel of a class drawn uniformly from
-  # those in the frame, instead of uniformly (data._class_centred_crop); 0 = uniform crops only.
-  class_crop_prob: float = 0.0
   hflip: bool = True
   brightness: float = 0.1  # Max brightness delta ([0, 1] pixel scale); 0 disables.
   contrast: float = 0.1  # Contrast factor range 1 +/- contrast; 0 disables.
@@ -173,7 +170,6 @@ def validate(config: Config) -> None:
       'learning_rate': config.learning_rate > 0, 'dropout': 0 <= config.dropout < 1,
       'bn_momentum': 0 <= config.bn_momentum < 1,
       'scale_min': 0 < config.scale_min <= config.scale_max,
-      'class_crop_prob': 0 <= config.class_crop_prob <= 1,
       'steps_per_loop': config.steps_per_loop >= 1,
       'eval_every_epochs': config.eval_every_epochs >= 1,
       'steps_per_epoch': config.steps_per_epoch is None or config.steps_per_epoch >= 1,
