@@ -27,9 +27,9 @@ def small() -> Config:
   on real CamVid", run N): val mIoU 0.5807, pixel accuracy 0.8822 (best checkpoint, flip
   averaging); 20.0 minutes of wall clock on a quiet machine including 4 validations, the final
   evaluation and the export (16-20 s per epoch of 92 steps at 18-20 training images/s; run P);
-  about 23.5 minutes on a slower day of the same VM (epochs ~17% longer; runs S, T).
-  Run to run the spread is a few points: three runs scored 0.581, 0.557 and 0.570 (seed 7),
-  0.569 on average. 72 epochs (0.546, 0.575) and 80 (0.608, but 31 minutes on the slow day) were
+  25.3 minutes on a slower day of the same VM (epochs ~25% longer; run U).
+  Run to run the spread is a few points: four runs scored 0.581, 0.557, 0.570 (seed 7) and
+  0.540, 0.562 on average. 72 epochs (0.546, 0.575) and 80 (0.608, but 31 minutes on the slow day) were
   not adopted. The recipe's
   choices (a stride-2 stem that frees the time for a 288x384 input, 192x192 crops, batch 4
   and no dropout for more updates to an under-fitted model, BatchNorm momentum, class weights,
