@@ -29,11 +29,11 @@ def small() -> Config:
   evaluation and the export (16-20 s per epoch of 92 steps at 18-20 training images/s; run P);
   25.3 minutes on a slower day of the same VM (epochs ~25% longer; run U).
   Run to run the spread is a few points: four runs scored 0.581, 0.557, 0.570 (seed 7) and
-  0.540, 0.562 on average. 72 epochs (0.546, 0.575) and 80 (0.608, but 31 minutes on the slow day) were
-  not adopted. The recipe's
-  choices (a stride-2 stem that frees the time for a 288x384 input, 192x192 crops, batch 4
-  and no dropout for more updates to an under-fitted model, BatchNorm momentum, class weights,
-  validation interval, epochs) come from the ablation recorded there.
+  0.540, 0.562 on average. 72 epochs (0.546, 0.575) and 80 (0.608, but 31 minutes on the slow
+  day) were not adopted. The recipe's choices (a stride-2 stem that frees the time for a
+  288x384 input, 192x192 crops, batch 4 and no dropout for more updates to an under-fitted
+  model, BatchNorm momentum, class weights, validation interval, epochs) come from the ablation
+  recorded there.
   """
   return Config(base_filters=16, depth=4, dropout=0.0, stem_stride=2, image_size=(288, 384),
                 crop_size=(192, 192), batch_size=4, epochs=64, learning_rate=3e-3,
