@@ -40,9 +40,9 @@ def model():
                               base_filters=4, depth=2, dropout=0.0)
 
 
-def _export(model, export_dir, flip=False):
+def _export(model, export_dir, flip=False, logit_bias=None):
   export_lib.export_model(model, str(export_dir), image_size=MODEL_SIZE, class_names=CLASS_NAMES,
-                          class_colors=CLASS_COLORS, flip=flip)
+                          class_colors=CLASS_COLORS, flip=flip, logit_bias=logit_bias)
 
 
 @pytest.fixture(scope='module')
@@ -73,7 +73,7 @@ def _encode(array, fmt='PNG'):
   return buf.getvalue()
 
 
-def _expected_class_ids(model, image, flip=False):
+def _expected_class_ids(model, image, flip=False, logit_bias=None):
   """The serving pipeline re-computed eagerly for one decoded uint8 [H, W, 3] image."""
   height, width = image.shape[:2]
   x = tf.image.convert_image_dtype(tf.constant(image[None]), tf.float32)
@@ -82,8 +82,10 @@ def _expected_class_ids(model, image, flip=False):
   if flip:
     mirrored = model(x[:, :, ::-1, :], training=False)[:, :, ::-1, :]
     logits = (logits + mirrored) / 2
-  logits = tf.image.resize(logits, (height, width), method='bilinear')
-  return np.argmax(logits.numpy()[0], axis=-1)
+  logits = tf.image.resize(logits, (height, width), method='bilinear').numpy()[0]
+  if logit_bias is not None:
+    logits = logits + np.asarray(logit_bias, np.float32)
+  return np.argmax(logits, axis=-1)
 
 
 def _assert_agrees(actual, expected):
@@ -141,6 +143,24 @@ def test_flip_export_averages_with_mirrored_prediction(model, tmp_path):
   assert export_lib.load_labels(str(tmp_path / 'export'))['flip'] is True
 
 
+def test_logit_bias_is_added_before_the_argmax_and_recorded(model, tmp_path):
+  image = _image(40, 56, seed=7)
+  plain = _expected_class_ids(model, image)
+  # Push the most predicted class down and another up: the argmax must change.
+  top = int(np.bincount(plain.reshape(-1)).argmax())
+  bias = [0.0] * len(CLASS_NAMES)
+  bias[top], bias[(top + 1) % len(CLASS_NAMES)] = -0.5, 0.5
+  _export(model, tmp_path / 'export', logit_bias=bias)
+  serve = tf.saved_model.load(str(tmp_path / 'export' / 'serving')).signatures['serving_default']
+  out = serve(image_bytes=tf.constant([_encode(image)]))['class_ids'].numpy()[0]
+  expected = _expected_class_ids(model, image, logit_bias=bias)
+  assert np.mean(expected != plain) > 0.05, 'degenerate test: the bias changes nothing'
+  _assert_agrees(out, expected)
+  assert export_lib.load_labels(str(tmp_path / 'export'))['logit_bias'] == bias
+  with pytest.raises(ValueError, match='3 values for 4 classes'):
+    _export(model, tmp_path / 'other', logit_bias=bias[:3])
+
+
 # --- model.keras, labels.json and atomicity ---------------------------------------------------
 
 def test_keras_model_reloads_with_same_logits(model, model_dir):
@@ -161,6 +181,7 @@ def test_labels_json_contents(model_dir):
       'ignore_label': 255,
       'image_size': [32, 32],
       'flip': False,
+      'logit_bias': None,
   }
   with open(model_dir / 'export' / 'labels.json') as f:
     assert json.load(f) == expected
@@ -173,7 +194,10 @@ def test_load_labels_errors_name_the_file(tmp_path):
     export_lib.load_labels(str(tmp_path))
   for text, problem in (('{not json', 'not valid JSON'), ('{"classes": []}', 'missing keys'),
                         ('{"classes": [{"index": 0, "name": "a", "color": [1, 2]}], '
-                         '"ignore_label": 255, "image_size": [8, 8], "flip": false}', 'color')):
+                         '"ignore_label": 255, "image_size": [8, 8], "flip": false}', 'color'),
+                        ('{"classes": [{"index": 0, "name": "a", "color": [1, 2, 3]}], '
+                         '"ignore_label": 255, "image_size": [8, 8], "flip": false, '
+                         '"logit_bias": [1, 2]}', 'logit_bias')):
     (tmp_path / 'labels.json').write_text(text)
     with pytest.raises(InputError, match=problem) as info:
       export_lib.load_labels(str(tmp_path))

@@ -181,6 +181,21 @@ def test_class_weights_validation():
       losses.class_weights_from_counts([0, 0], 'median_frequency'), [1.0, 1.0])
 
 
+def test_logit_adjustment_bias_undoes_log_weights():
+  # -0.5 * ln([4, 1, 0.25]) = [-0.693147, 0, 0.693147]
+  bias = losses.logit_adjustment_bias(np.array([4.0, 1.0, 0.25]), 0.5)
+  assert bias.dtype == np.float32
+  np.testing.assert_allclose(bias, [-0.693147, 0.0, 0.693147], rtol=1e-5, atol=1e-7)
+  # Strength 1 turns weighted scores w_c * p_c back into p_c: log(w p) - log(w) = log(p).
+  weights, probs = np.array([4.0, 1.0, 0.25]), np.array([0.1, 0.3, 0.6])
+  adjusted = np.log(weights * probs) + losses.logit_adjustment_bias(weights, 1.0)
+  np.testing.assert_allclose(adjusted, np.log(probs), rtol=1e-5)
+  assert losses.logit_adjustment_bias(None, 0.5) is None
+  assert losses.logit_adjustment_bias(weights, 0.0) is None
+  with pytest.raises(ValueError, match='positive'):
+    losses.logit_adjustment_bias(np.array([1.0, 0.0]), 0.5)
+
+
 def _lovasz_reference(labels, probs, ignore_label=255):
   """The paper's algorithm for one batch, in numpy (Berman et al. 2018, 'present' classes)."""
   labels = labels.reshape(-1)

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import tensorflow as tf
 
@@ -208,7 +209,8 @@ def test_training_crops_and_sparse_validation(smoke_data, tmp_path):
   # with the stride-2 stem, whose model must still serve whole frames at image_size.
   hparams.write_text(json.dumps({'epochs': 3, 'eval_every_epochs': 2, 'crop_size': [16, 24],
                                  'image_size': [32, 32], 'bn_momentum': 0.9,
-                                 'lovasz_weight': 0.5, 'stem_stride': 2}))
+                                 'lovasz_weight': 0.5, 'stem_stride': 2,
+                                 'class_weighting': 'inverse_sqrt', 'logit_adjustment': 0.5}))
   model_dir = tmp_path / 'model'
   proc = run_module('trainer.task', *SMOKE, '--data_dir', smoke_data, '--model_dir', model_dir,
                     '--hparams_file', hparams)
@@ -225,6 +227,35 @@ def test_training_crops_and_sparse_validation(smoke_data, tmp_path):
   assert tuple(served.output_shape) == (None, 32, 32, 11)
   assert served.get_layer('stem_conv1').strides == (2, 2)
   assert served.layers[2].momentum == 0.9
+  # The served prediction carries the same logit adjustment the val metrics used.
+  from tfrecords_builder import manifest as manifest_lib  # pylint: disable=g-import-not-at-top
+  from trainer import losses  # pylint: disable=g-import-not-at-top
+  weights = losses.class_weights_from_counts(
+      manifest_lib.read(str(smoke_data)).split('train')['class_pixel_counts'], 'inverse_sqrt')
+  labels = json.loads((model_dir / 'export' / 'labels.json').read_text())
+  assert labels['logit_bias'] == pytest.approx(list(-0.5 * np.log(weights)), rel=1e-5)
+
+  # trainer.evaluate scores the checkpoint with the run's adjustment or an overriding one.
+  def evaluate(*extra):
+    report = tmp_path / 'eval.json'
+    proc = run_module('trainer.evaluate', '--model_dir', model_dir, '--data_dir', smoke_data,
+                      '--split', 'val', '--output', report, *extra)
+    assert proc.returncode == 2 if '2' in extra else proc.returncode == 0, proc.stderr[-3000:]
+    return proc, (json.loads(report.read_text()) if proc.returncode == 0 else None)
+
+  _, same = evaluate()
+  assert same['logit_adjustment'] == 0.5
+  assert same['confusion_matrix'] == metrics['confusion_matrix']
+  _, plain = evaluate('--logit_adjustment', '0')
+  assert plain['logit_adjustment'] == 0.0
+  # Without the adjustment a pixel can only change to a class of larger weight, so the most
+  # up-weighted class gains pixels and the least up-weighted one loses them.
+  shift = (np.sum(plain['confusion_matrix'], axis=0) -
+           np.sum(same['confusion_matrix'], axis=0))
+  assert np.any(shift != 0), 'degenerate test: the adjustment changes no prediction'
+  assert shift[np.argmax(weights)] >= 0 and shift[np.argmin(weights)] <= 0
+  proc, _ = evaluate('--logit_adjustment', '2')
+  assert 'error: --logit_adjustment: 2.0 is out of range [0, 1]' in proc.stderr
 
 
 def _onednn_on_after_importing(module: str, env: dict) -> bool:

@@ -1,13 +1,16 @@
 """`python -m trainer.evaluate`: a report JSON for one split of a data dir, from a trained model_dir.
 
     python -m trainer.evaluate --model_dir M --data_dir D --split S [--output F]
+        [--logit_adjustment A]
 
 Evaluates the best checkpoint (the latest backup if there is no best yet) with the run's own
 config (model_dir/config.json) through the trainer's evaluation code: metrics at label resolution,
 void excluded, classes absent from labels and predictions left out of the means. Writes
 {"split", "num_examples", "pixel_accuracy", "mean_iou", "per_class": {name: {"iou",
 "precision", "recall", "f1", "support"}}, "confusion_matrix"} (plus loss and macro means) to
---output, or prints it.
+--output, or prints it. `--logit_adjustment` scores the same checkpoint with another strength of
+the prediction-time logit adjustment than the run's (trainer/configs/base.py), e.g. to choose it
+on the train split; the report records the value used.
 """
 
 import json
@@ -25,15 +28,24 @@ _MODEL_DIR = flags.DEFINE_string('model_dir', None, 'A trainer model_dir (local 
 _DATA_DIR = flags.DEFINE_string('data_dir', None, 'A tfrecords_builder output dir.')
 _SPLIT = flags.DEFINE_string('split', 'val', 'Split to evaluate (train, val or test).')
 _OUTPUT = flags.DEFINE_string('output', None, 'Where to write the JSON report (default: stdout).')
+_LOGIT_ADJUSTMENT = flags.DEFINE_float(
+    'logit_adjustment', None, 'Override the run\'s logit_adjustment (0 = plain argmax of the '
+    'class-weighted model; 1 = the whole log(class weight) shift removed).')
 
 
-def evaluate_model_dir(model_dir: str, data_dir: str, split: str) -> dict:
-  """Restores the best checkpoint of `model_dir` and evaluates `split` of `data_dir`."""
+def evaluate_model_dir(model_dir: str, data_dir: str, split: str,
+                       logit_adjustment: float | None = None) -> dict:
+  """Restores the best checkpoint of `model_dir` and evaluates `split` of `data_dir`.
+
+  `logit_adjustment`, if given, replaces the run's own value.
+  """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from tfrecords_builder import manifest as manifest_lib  # pylint: disable=g-import-not-at-top
   from trainer import distribution, train  # pylint: disable=g-import-not-at-top
   model_dir = model_dir.rstrip('/')
   config = train.load_config(model_dir)
+  if logit_adjustment is not None:
+    config = config.replace(logit_adjustment=logit_adjustment)
   manifest = manifest_lib.read(data_dir.rstrip('/'))
   manifest.split(split)
   checkpoint = (tf.train.latest_checkpoint(f'{model_dir}/best') or
@@ -54,6 +66,7 @@ def evaluate_model_dir(model_dir: str, data_dir: str, split: str) -> dict:
                            train.class_weights_for(config, manifest))
   result = train.evaluate(steps, runtime, manifest, split, config, manifest.class_names)
   result['checkpoint'] = checkpoint
+  result['logit_adjustment'] = config.logit_adjustment
   return result
 
 
@@ -65,7 +78,10 @@ def main(argv):
   from tfrecords_builder import fileio  # pylint: disable=g-import-not-at-top
   for flag in (_MODEL_DIR, _DATA_DIR, _OUTPUT):
     fileio.check_bucket(flag.value, f'--{flag.name}')
-  result = evaluate_model_dir(_MODEL_DIR.value, _DATA_DIR.value, _SPLIT.value)
+  if _LOGIT_ADJUSTMENT.value is not None and not 0 <= _LOGIT_ADJUSTMENT.value <= 1:
+    raise ConfigError(f'--logit_adjustment: {_LOGIT_ADJUSTMENT.value} is out of range [0, 1]')
+  result = evaluate_model_dir(_MODEL_DIR.value, _DATA_DIR.value, _SPLIT.value,
+                              _LOGIT_ADJUSTMENT.value)
   text = json.dumps(result, indent=2) + '\n'
   if _OUTPUT.value:
     from tfrecords_builder.fileio import write_atomic  # pylint: disable=g-import-not-at-top

@@ -6,9 +6,10 @@
                 custom objects are needed). For fine-tuning, evaluation or re-export.
   serving/      A TF SavedModel whose `serving_default` signature maps encoded PNG/JPEG bytes to
                 per-pixel class ids at the input resolution, with decoding, scaling, resizing and
-                optional flip averaging inside the graph. For TF Serving and `trainer.predict`.
-  labels.json   Class names and colours, the void label, the model's input size and whether the
-                flip is baked in. Written last: it marks the export as complete.
+                optional flip averaging and logit bias inside the graph. For TF Serving and
+                `trainer.predict`.
+  labels.json   Class names and colours, the void label, the model's input size, whether the
+                flip is baked in and the baked-in logit bias (null if none). Written last: it marks the export as complete.
 
 Every artifact is written under a temporary name and renamed when complete, and an existing
 labels.json is removed before anything is replaced, so a crash at any point leaves a directory
@@ -50,7 +51,7 @@ def _check_args(model: keras.Model, image_size, class_names, class_colors) -> tu
   return height, width
 
 
-def _serving_fn(model: keras.Model, image_size: tuple[int, int], flip: bool):
+def _serving_fn(model: keras.Model, image_size: tuple[int, int], flip: bool, logit_bias):
   """Returns fn(image_bytes) -> {'class_ids'}: the whole bytes-to-mask pipeline as TF ops."""
   height, width = image_size
 
@@ -84,13 +85,15 @@ def _serving_fn(model: keras.Model, image_size: tuple[int, int], flip: bool):
       logits = 0.5 * (plain + tf.reverse(mirrored, axis=[2]))
     # Interpolate the logits, not the argmax, so class boundaries are smooth at full resolution.
     logits = tf.image.resize(logits, out_size, method='bilinear')
+    if logit_bias is not None:
+      logits += tf.constant(logit_bias, logits.dtype)
     return {'class_ids': tf.cast(tf.argmax(logits, axis=-1), tf.uint8)}
 
   return serve
 
 
 def _write_saved_model(model: keras.Model, path: str, image_size: tuple[int, int],
-                       flip: bool) -> None:
+                       flip: bool, logit_bias) -> None:
   """Writes the serving SavedModel to `path` (which must not exist)."""
   # keras.export.ExportArchive rather than tf.saved_model.save on a hand-made tf.Module: it
   # tracks the Keras 3 model's variables for us, traces the endpoint from the input signature
@@ -99,7 +102,7 @@ def _write_saved_model(model: keras.Model, path: str, image_size: tuple[int, int
   archive = keras.export.ExportArchive()
   archive.track(model)
   archive.add_endpoint(
-      'serving_default', _serving_fn(model, image_size, flip),
+      'serving_default', _serving_fn(model, image_size, flip, logit_bias),
       input_signature=[tf.TensorSpec([None], tf.string, name='image_bytes')])
   archive.write_out(path, verbose=False)
 
@@ -119,15 +122,17 @@ def export_model(model: keras.Model,
                  class_names: list[str],
                  class_colors: list[list[int]],
                  ignore_label: int = 255,
-                 flip: bool = False) -> None:
+                 flip: bool = False,
+                 logit_bias=None) -> None:
   """Writes model.keras, the serving SavedModel and labels.json under `export_dir`.
 
   The serving signature `serving_default` takes `image_bytes`, a 1-D string tensor of encoded
   PNG or JPEG images. All images of one call must have the same height and width (they are
   stacked into one batch); the call fails otherwise. Each image is decoded to RGB, scaled to
   [0, 1], resized to `image_size` (bilinear, antialiased), run through the model in inference
-  mode (with `flip`, logits are averaged with those of the horizontally flipped image), and the
-  logits are resized back to the input resolution (bilinear). It returns
+  mode (with `flip`, logits are averaged with those of the horizontally flipped image), the
+  logits are resized back to the input resolution (bilinear) and `logit_bias` is added. It
+  returns
   `{'class_ids': uint8 [N, H, W]}`, the per-pixel argmax; void is never predicted.
 
   An existing export in `export_dir` is replaced. Call from one process only (e.g. the chief):
@@ -141,11 +146,17 @@ def export_model(model: keras.Model,
     class_colors: C [r, g, b] colours, index order.
     ignore_label: The void label value of the training masks, recorded in labels.json.
     flip: Bake horizontal-flip test-time averaging into the serving signature.
+    logit_bias: Optional [C] offsets added to the logits before the argmax (the trainer's
+      logit adjustment, losses.logit_adjustment_bias); None adds nothing.
 
   Raises:
     ValueError: If the arguments disagree with each other or with the model.
   """
   height, width = _check_args(model, image_size, class_names, class_colors)
+  if logit_bias is not None:
+    logit_bias = [float(b) for b in logit_bias]
+    if len(logit_bias) != len(class_names):
+      raise ValueError(f'logit_bias has {len(logit_bias)} values for {len(class_names)} classes')
   tf.io.gfile.makedirs(export_dir)
   labels_path = os.path.join(export_dir, LABELS_NAME)
   # Remove the completeness marker first: from here until the new one is written, the directory
@@ -168,7 +179,7 @@ def export_model(model: keras.Model,
   serving_path = os.path.join(export_dir, SERVING_NAME)
   serving_tmp = fileio.temp_path(serving_path)
   try:
-    _write_saved_model(model, serving_tmp, (height, width), flip)
+    _write_saved_model(model, serving_tmp, (height, width), flip, logit_bias)
     # A directory rename cannot overwrite a non-empty directory, so the old one goes first.
     _remove(serving_path)
     tf.io.gfile.rename(serving_tmp, serving_path)
@@ -181,6 +192,7 @@ def export_model(model: keras.Model,
       'ignore_label': int(ignore_label),
       'image_size': [height, width],
       'flip': bool(flip),
+      'logit_bias': logit_bias,
   }
   fileio.write_atomic(labels_path, json.dumps(labels, indent=2) + '\n')
 
@@ -211,6 +223,11 @@ def _check_labels(labels) -> str | None:
     return '"image_size" must be [height, width]'
   if not isinstance(labels['flip'], bool):
     return '"flip" must be true or false'
+  # Optional: exports written before logit adjustment existed have no such key.
+  bias = labels.get('logit_bias')
+  if bias is not None and (not isinstance(bias, list) or len(bias) != len(classes) or not all(
+      isinstance(b, (int, float)) and not isinstance(b, bool) for b in bias)):
+    return f'"logit_bias" must be null or a list of {len(classes)} numbers'
   return None
 
 
@@ -219,7 +236,8 @@ def load_labels(export_dir: str) -> dict:
 
   Returns:
     The parsed dict: `classes` (list of {index, name, color}), `ignore_label`, `image_size`
-    ([h, w]) and `flip`.
+    ([h, w]), `flip` and optionally `logit_bias` (already applied inside the serving
+    signature; informational).
 
   Raises:
     InputError: If the file is missing (the export is absent or incomplete) or malformed; the

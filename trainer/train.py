@@ -115,6 +115,12 @@ def make_steps(model, optimizer, strategy, config, num_classes, class_weights) -
   loss_kw = {'class_weights': class_weights, 'loss_type': config.loss,
              'focal_gamma': config.focal_gamma}
   scale_loss = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
+  bias = losses.logit_adjustment_bias(class_weights, config.logit_adjustment)
+
+  def predict(logits):
+    if bias is not None:
+      logits += tf.constant(bias, logits.dtype)
+    return tf.argmax(logits, -1, output_type=tf.int32)
 
   def train_step(batch):
     with tf.GradientTape() as tape:
@@ -133,7 +139,7 @@ def make_steps(model, optimizer, strategy, config, num_classes, class_weights) -
       scaled = optimizer.scale_loss(loss) if scale_loss else loss
     grads = tape.gradient(scaled, model.trainable_variables)
     optimizer.apply_gradients(zip(grads, model.trainable_variables))
-    predictions = tf.argmax(logits, -1, output_type=tf.int32)
+    predictions = predict(logits)
     cm = metrics_lib.confusion_matrix(batch['mask'], predictions, num_classes)
     return loss_sum, weight_sum, cm
 
@@ -159,7 +165,7 @@ def make_steps(model, optimizer, strategy, config, num_classes, class_weights) -
     valid = tf.cast(batch['valid'], tf.float32)
     loss_sum, weight_sum = losses.pixel_loss_sum(batch['mask'], logits, sample_weight=valid,
                                                  **loss_kw)
-    predictions = tf.argmax(logits, -1, output_type=tf.int32)
+    predictions = predict(logits)
     cm = metrics_lib.confusion_matrix(batch['mask'], predictions, num_classes,
                                       sample_weight=valid)
     return loss_sum, weight_sum, cm, tf.reduce_sum(tf.cast(batch['valid'], tf.int64))
@@ -301,6 +307,7 @@ def run(config: configs.Config, data_dir: str, model_dir: str, *,
     _write_json(f'{model_dir}/{CONFIG_NAME}', resolved)
 
   class_weights = class_weights_for(config, manifest)
+  prediction_bias = losses.logit_adjustment_bias(class_weights, config.logit_adjustment)
   if class_weights is not None:
     log('class weights: ' + ', '.join(f'{n} {w:.2f}' for n, w in zip(class_names,
                                                                       class_weights)))
@@ -400,7 +407,9 @@ def run(config: configs.Config, data_dir: str, model_dir: str, *,
       summaries.epoch(epoch, train_result, val_result if validate else None, lr)
       if fixed_frames and validate:
         images = np.stack([f['image'] for f in fixed_frames])
-        logits = model(images, training=False)
+        logits = np.asarray(model(images, training=False))
+        if prediction_bias is not None:
+          logits = logits + prediction_bias
         summaries.overlays(epoch, fixed_frames, list(np.argmax(logits, -1)))
       summaries.flush()
       # The history row goes first: a crash before the checkpoint below makes the epoch rerun
@@ -452,8 +461,8 @@ def finish(config, manifest, model_dir: str, best_dir: str, runtime, log,
                                 precision=runtime.precision)
   model = build_model(config, manifest.num_classes)
   tf.train.Checkpoint(model=model).restore(best).expect_partial().assert_existing_objects_matched()
-  steps = make_steps(model, None, single.strategy, config, manifest.num_classes,
-                     class_weights_for(config, manifest))
+  class_weights = class_weights_for(config, manifest)
+  steps = make_steps(model, None, single.strategy, config, manifest.num_classes, class_weights)
   result = evaluate(steps, single, manifest, 'val', config, manifest.class_names)
   result['checkpoint'] = best
   _write_json(f'{model_dir}/{METRICS_NAME}', result)
@@ -463,6 +472,8 @@ def finish(config, manifest, model_dir: str, best_dir: str, runtime, log,
     return result
   export_lib.export_model(model, f'{model_dir}/export', image_size=config.image_size,
                           class_names=manifest.class_names, class_colors=manifest.class_colors,
-                          ignore_label=manifest.ignore_label, flip=config.eval_flip)
+                          ignore_label=manifest.ignore_label, flip=config.eval_flip,
+                          logit_bias=losses.logit_adjustment_bias(class_weights,
+                                                                  config.logit_adjustment))
   log(f'exported to {model_dir}/export')
   return result

@@ -64,6 +64,12 @@ class Config:
   # Weight of the Lovasz-softmax term (losses.lovasz_softmax, a direct IoU surrogate) added to
   # the pixel loss in training; 0 = off. Reported train loss includes it, val loss does not.
   lovasz_weight: float = 0.0
+  # Inference adds -logit_adjustment * log(class weight) to the logits before the argmax
+  # (validation, metrics, TensorBoard overlays, the export). Class-weighted training shifts the
+  # model's scores by about +log(weight) per class (Menon et al. 2021, "Long-tail learning via
+  # logit adjustment"), so rare classes are over-predicted; 1.0 removes that shift entirely, 0
+  # keeps it. The weights still shape what the features learn. No effect without class weights.
+  logit_adjustment: float = 0.0
   early_stopping_patience: int | None = None  # Stop after this many epochs without a new best.
   # A validation is a new best (checkpointed to best/, resetting the patience) only when its
   # mIoU beats the previous best by more than this; tiny wobbles then do not keep a run alive.
@@ -181,6 +187,7 @@ def validate(config: Config) -> None:
                                   config.early_stopping_patience >= 1),
       'early_stopping_min_delta': 0 <= config.early_stopping_min_delta < 1,
       'lovasz_weight': config.lovasz_weight >= 0,
+      'logit_adjustment': 0 <= config.logit_adjustment <= 1,
   }
   for name, ok in checks.items():
     if not ok:
