@@ -9,7 +9,8 @@
                 optional flip averaging and logit bias inside the graph. For TF Serving and
                 `trainer.predict`.
   labels.json   Class names and colours, the void label, the model's input size, whether the
-                flip is baked in and the baked-in logit bias (null if none). Written last: it marks the export as complete.
+                flip is baked in and the baked-in logit bias (null if none). Written last: it
+                marks the export as complete.
 
 Every artifact is written under a temporary name and renamed when complete, and an existing
 labels.json is removed before anything is replaced, so a crash at any point leaves a directory
@@ -17,6 +18,7 @@ without labels.json, which `load_labels` (and hence the predict tool) rejects. A
 goes through `tf.io.gfile`, so `export_dir` may be a gs:// path.
 """
 
+from collections.abc import Sequence
 import json
 import os
 import tempfile
@@ -51,7 +53,8 @@ def _check_args(model: keras.Model, image_size, class_names, class_colors) -> tu
   return height, width
 
 
-def _serving_fn(model: keras.Model, image_size: tuple[int, int], flip: bool, logit_bias):
+def _serving_fn(model: keras.Model, image_size: tuple[int, int], flip: bool,
+                logit_bias: list[float] | None):
   """Returns fn(image_bytes) -> {'class_ids'}: the whole bytes-to-mask pipeline as TF ops."""
   height, width = image_size
 
@@ -93,7 +96,7 @@ def _serving_fn(model: keras.Model, image_size: tuple[int, int], flip: bool, log
 
 
 def _write_saved_model(model: keras.Model, path: str, image_size: tuple[int, int],
-                       flip: bool, logit_bias) -> None:
+                       flip: bool, logit_bias: list[float] | None) -> None:
   """Writes the serving SavedModel to `path` (which must not exist)."""
   # keras.export.ExportArchive rather than tf.saved_model.save on a hand-made tf.Module: it
   # tracks the Keras 3 model's variables for us, traces the endpoint from the input signature
@@ -123,7 +126,7 @@ def export_model(model: keras.Model,
                  class_colors: list[list[int]],
                  ignore_label: int = 255,
                  flip: bool = False,
-                 logit_bias=None) -> None:
+                 logit_bias: Sequence[float] | None = None) -> None:
   """Writes model.keras, the serving SavedModel and labels.json under `export_dir`.
 
   The serving signature `serving_default` takes `image_bytes`, a 1-D string tensor of encoded

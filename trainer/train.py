@@ -118,6 +118,7 @@ def make_steps(model, optimizer, strategy, config, num_classes, class_weights) -
   bias = losses.logit_adjustment_bias(class_weights, config.logit_adjustment)
 
   def predict(logits):
+    # Every prediction (train and val metrics) is the argmax the export serves.
     if bias is not None:
       logits += tf.constant(bias, logits.dtype)
     return tf.argmax(logits, -1, output_type=tf.int32)
