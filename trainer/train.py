@@ -108,6 +108,9 @@ class Steps:
   train: tf.types.experimental.GenericFunction
   evaluate: tf.types.experimental.GenericFunction
   agree: tf.types.experimental.GenericFunction
+  # Added to the logits before every argmax (config.logit_adjustment); None = plain argmax. The
+  # TensorBoard overlays and the export use it too, so every prediction matches the metrics.
+  prediction_bias: np.ndarray | None = None
 
 
 def make_steps(model, optimizer, strategy, config, num_classes, class_weights) -> Steps:
@@ -118,7 +121,6 @@ def make_steps(model, optimizer, strategy, config, num_classes, class_weights) -
   bias = losses.logit_adjustment_bias(class_weights, config.logit_adjustment)
 
   def predict(logits):
-    # Every prediction (train and val metrics) is the argmax the export serves.
     if bias is not None:
       logits += tf.constant(bias, logits.dtype)
     return tf.argmax(logits, -1, output_type=tf.int32)
@@ -186,7 +188,7 @@ def make_steps(model, optimizer, strategy, config, num_classes, class_weights) -
     per_replica = strategy.run(lambda: tf.cast(flag, tf.int32))
     return strategy.reduce('sum', per_replica, axis=None) > 0
 
-  return Steps(train=train_loop, evaluate=eval_loop, agree=agree)
+  return Steps(train=train_loop, evaluate=eval_loop, agree=agree, prediction_bias=bias)
 
 
 def evaluate(steps: Steps, runtime, manifest, split: str, config, class_names) -> dict:
@@ -308,7 +310,6 @@ def run(config: configs.Config, data_dir: str, model_dir: str, *,
     _write_json(f'{model_dir}/{CONFIG_NAME}', resolved)
 
   class_weights = class_weights_for(config, manifest)
-  prediction_bias = losses.logit_adjustment_bias(class_weights, config.logit_adjustment)
   if class_weights is not None:
     log('class weights: ' + ', '.join(f'{n} {w:.2f}' for n, w in zip(class_names,
                                                                       class_weights)))
@@ -409,8 +410,8 @@ def run(config: configs.Config, data_dir: str, model_dir: str, *,
       if fixed_frames and validate:
         images = np.stack([f['image'] for f in fixed_frames])
         logits = np.asarray(model(images, training=False))
-        if prediction_bias is not None:
-          logits = logits + prediction_bias
+        if steps.prediction_bias is not None:
+          logits = logits + steps.prediction_bias
         summaries.overlays(epoch, fixed_frames, list(np.argmax(logits, -1)))
       summaries.flush()
       # The history row goes first: a crash before the checkpoint below makes the epoch rerun
@@ -462,8 +463,8 @@ def finish(config, manifest, model_dir: str, best_dir: str, runtime, log,
                                 precision=runtime.precision)
   model = build_model(config, manifest.num_classes)
   tf.train.Checkpoint(model=model).restore(best).expect_partial().assert_existing_objects_matched()
-  class_weights = class_weights_for(config, manifest)
-  steps = make_steps(model, None, single.strategy, config, manifest.num_classes, class_weights)
+  steps = make_steps(model, None, single.strategy, config, manifest.num_classes,
+                     class_weights_for(config, manifest))
   result = evaluate(steps, single, manifest, 'val', config, manifest.class_names)
   result['checkpoint'] = best
   _write_json(f'{model_dir}/{METRICS_NAME}', result)
@@ -474,7 +475,6 @@ def finish(config, manifest, model_dir: str, best_dir: str, runtime, log,
   export_lib.export_model(model, f'{model_dir}/export', image_size=config.image_size,
                           class_names=manifest.class_names, class_colors=manifest.class_colors,
                           ignore_label=manifest.ignore_label, flip=config.eval_flip,
-                          logit_bias=losses.logit_adjustment_bias(class_weights,
-                                                                  config.logit_adjustment))
+                          logit_bias=steps.prediction_bias)
   log(f'exported to {model_dir}/export')
   return result
