@@ -1,5 +1,7 @@
 """Builder tests: exact round trips for both layouts, void, bad inputs, determinism, resume."""
 
+import concurrent.futures
+import os
 import pathlib
 import shutil
 import signal
@@ -413,3 +415,17 @@ def test_resume_after_kill_reuses_complete_shards(tmp_path):
   writer.build(str(src), str(ref), num_shards=40, num_workers=2, log=QUIET)
   for shard in sorted(ref.iterdir()):
     assert (out / shard.name).read_bytes() == shard.read_bytes(), shard.name
+
+
+def _die_on_three(item):
+  if item == 3:
+    os._exit(1)  # A worker killed mid-task (OOM killer, segfault in a decoder).
+  return item * 10
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(120)
+def test_a_dead_worker_fails_the_build_instead_of_hanging():
+  assert list(writer._pool_map(_die_on_three, range(3), 2)) == [0, 10, 20]
+  with pytest.raises(concurrent.futures.process.BrokenProcessPool):
+    list(writer._pool_map(_die_on_three, range(12), 2))

@@ -6,6 +6,7 @@ always complete. A rerun after a crash reuses complete shards (when the build
 plan matches) and writes the rest; the manifest, written last, names only complete shards.
 """
 
+import concurrent.futures
 import dataclasses
 import gc
 import hashlib
@@ -384,7 +385,7 @@ def build(input_dir: str, output_dir: str, *, layout: str | None = None,
           f'{result["num_examples"] / max(result["seconds"], 1e-9):.1f} ex/s '
           f'[{written}/{total} examples, {written / max(elapsed, 1e-9):.1f} ex/s overall]')
   except BaseException:
-    # Workers stopped mid-shard (the pool is terminated on the first error) leave temporaries.
+    # A shard interrupted by an error (a bad input, a stopped build) leaves its temporary.
     _remove_temps(output_dir)
     raise
 
@@ -414,12 +415,17 @@ def build(input_dir: str, output_dir: str, *, layout: str | None = None,
 def _pool_map(fn, items, num_workers):
   """Yields fn(item) for each item, in order, from a pool of worker processes."""
   # Fork (not spawn): workers inherit the imported modules instead of re-importing TensorFlow
-  # for seconds each. The parent has only listed files (no TF runtime or threads to inherit).
+  # for seconds each; they run only PIL, numpy and protobuf code, never the TF runtime.
   # Objects that exist now are moved out of the collector's reach so that the workers' garbage
   # collections do not write to (and so copy) every page of the inherited heap.
+  # concurrent.futures, not multiprocessing.Pool: Pool.terminate() can hang for ever when its
+  # task-feeding thread is blocked writing to the pipe of workers it has just killed (seen here
+  # after a bad input stopped a build), and a worker that dies leaves Pool waiting for its
+  # result; the executor cancels what has not started and raises BrokenProcessPool instead.
   gc.freeze()
   try:
-    with multiprocessing.get_context('fork').Pool(num_workers) as pool:
-      yield from pool.imap(fn, items, chunksize=4)
+    with concurrent.futures.ProcessPoolExecutor(
+        num_workers, mp_context=multiprocessing.get_context('fork')) as executor:
+      yield from executor.map(fn, items, chunksize=4)
   finally:
     gc.unfreeze()
