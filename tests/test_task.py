@@ -156,12 +156,14 @@ def test_summary_only_prints_the_keras_summary():
     (('--image_size', '30x30'), 'image_size: 30x30 must be positive multiples'),
     (('--hparams_file', '{hparams}'), 'unknown keys dropuot'),
     (('--batch_size', '0'), 'batch_size: 0 is out of range'),
+    (('--hparams_file', '{calibration}'), 'no split "tset" (has: '),
 ])
 def test_bad_input_fails_before_training(smoke_data, tmp_path, args, message):
   (tmp_path / 'empty').mkdir()
   (tmp_path / 'hparams.json').write_text('{"dropuot": 0.2}')
+  (tmp_path / 'calibration.json').write_text('{"calibration_split": "tset"}')
   paths = {'missing': tmp_path / 'missing', 'empty': tmp_path / 'empty',
-           'hparams': tmp_path / 'hparams.json'}
+           'hparams': tmp_path / 'hparams.json', 'calibration': tmp_path / 'calibration.json'}
   args = [a.format(**paths) for a in args]
   if '--data_dir' not in args:
     args += ['--data_dir', str(smoke_data)]
@@ -256,6 +258,53 @@ def test_training_crops_and_sparse_validation(smoke_data, tmp_path):
   assert shift[np.argmax(weights)] >= 0 and shift[np.argmin(weights)] <= 0
   proc, _ = evaluate('--logit_adjustment', '2')
   assert 'error: --logit_adjustment: 2.0 is out of range [0, 1]' in proc.stderr
+
+
+def test_calibration_is_fitted_on_train_and_used_by_metrics_export_and_evaluate(smoke_data,
+                                                                                tmp_path):
+  hparams = tmp_path / 'hp.json'
+  hparams.write_text(json.dumps({'class_weighting': 'inverse_sqrt', 'logit_adjustment': 0.5,
+                                 'calibration_split': 'train'}))
+  model_dir = tmp_path / 'model'
+  proc = run_module('trainer.task', *SMOKE, '--data_dir', smoke_data, '--model_dir', model_dir,
+                    '--hparams_file', hparams)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert 'calibration on train (' in proc.stdout and 'val without calibration: mIoU' in proc.stdout
+  record = json.loads((model_dir / 'calibration.json').read_text())
+  from tfrecords_builder import manifest as manifest_lib  # pylint: disable=g-import-not-at-top
+  from trainer import losses  # pylint: disable=g-import-not-at-top
+  weights = losses.class_weights_from_counts(
+      manifest_lib.read(str(smoke_data)).split('train')['class_pixel_counts'], 'inverse_sqrt')
+  # It starts from the logit adjustment and only moves where that raises train mIoU.
+  assert record['split'] == 'train' and record['num_pixels'] > 0
+  assert record['initial_bias'] == pytest.approx(list(-0.5 * np.log(weights)), rel=1e-5)
+  assert len(record['bias']) == 11
+  assert record['mean_iou_after'] >= record['mean_iou_before']
+  metrics = json.loads((model_dir / 'metrics.json').read_text())
+  assert metrics['calibration_split'] == 'train'
+  assert set(metrics['uncalibrated']) == {'mean_iou', 'pixel_accuracy'}
+  labels = json.loads((model_dir / 'export' / 'labels.json').read_text())
+  assert labels['logit_bias'] == pytest.approx(record['bias'], rel=1e-6)
+
+  def evaluate(*extra):
+    report = tmp_path / 'eval.json'
+    proc = run_module('trainer.evaluate', '--model_dir', model_dir, '--data_dir', smoke_data,
+                      '--split', 'val', '--output', report, *extra)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(report.read_text())
+
+  # By default evaluation uses calibration.json and reproduces the run's metrics; asking for a
+  # logit adjustment scores without it (the run's "uncalibrated" numbers); --calibration_split
+  # fits afresh, from the same checkpoint and data the same biases.
+  same = evaluate()
+  assert same['calibration']['source'] == 'calibration.json'
+  assert same['confusion_matrix'] == metrics['confusion_matrix']
+  plain = evaluate('--logit_adjustment', '0.5')
+  assert plain['calibration'] is None
+  assert plain['mean_iou'] == pytest.approx(metrics['uncalibrated']['mean_iou'])
+  refit = evaluate('--calibration_split', 'train')
+  assert refit['calibration']['source'] == 'fitted on train'
+  assert refit['calibration']['bias'] == pytest.approx(record['bias'], abs=1e-5)
 
 
 def _onednn_on_after_importing(module: str, env: dict) -> bool:

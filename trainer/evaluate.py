@@ -1,7 +1,7 @@
 """`python -m trainer.evaluate`: a report JSON for one split of a data dir, from a trained model_dir.
 
     python -m trainer.evaluate --model_dir M --data_dir D --split S [--output F]
-        [--logit_adjustment A]
+        [--logit_adjustment A] [--calibration_split S2]
 
 Evaluates the best checkpoint (the latest backup if there is no best yet) with the run's own
 config (model_dir/config.json) through the trainer's evaluation code: metrics at label resolution,
@@ -11,6 +11,12 @@ void excluded, classes absent from labels and predictions left out of the means.
 --output, or prints it. `--logit_adjustment` scores the same checkpoint with another strength of
 the prediction-time logit adjustment than the run's (trainer/configs/base.py), e.g. to choose it
 on the train split; the report records the value used.
+
+A run trained with `calibration_split` has model_dir/calibration.json (per-class decision biases,
+trainer/calibration.py), which evaluation uses unless `--logit_adjustment` asks for the plain
+adjustment. `--calibration_split` fits such biases afresh on another split of the data dir
+(starting from the logit adjustment), e.g. for a run trained without it; nothing is written to
+model_dir. The report's "calibration" says which biases were used.
 """
 
 import json
@@ -30,24 +36,33 @@ _SPLIT = flags.DEFINE_string('split', 'val', 'Split to evaluate (train, val or t
 _OUTPUT = flags.DEFINE_string('output', None, 'Where to write the JSON report (default: stdout).')
 _LOGIT_ADJUSTMENT = flags.DEFINE_float(
     'logit_adjustment', None, 'Override the run\'s logit_adjustment (0 = plain argmax of the '
-    'class-weighted model; 1 = the whole log(class weight) shift removed).')
+    'class-weighted model; 1 = the whole log(class weight) shift removed); ignores the run\'s '
+    'calibration.json.')
+_CALIBRATION_SPLIT = flags.DEFINE_string(
+    'calibration_split', None, 'Fit per-class decision biases on this split (e.g. train) before '
+    'evaluating, instead of using the run\'s calibration.json; nothing is written.')
 
 
 def evaluate_model_dir(model_dir: str, data_dir: str, split: str,
-                       logit_adjustment: float | None = None) -> dict:
+                       logit_adjustment: float | None = None,
+                       calibration_split: str | None = None) -> dict:
   """Restores the best checkpoint of `model_dir` and evaluates `split` of `data_dir`.
 
-  `logit_adjustment`, if given, replaces the run's own value.
+  `logit_adjustment`, if given, replaces the run's own value and its calibration.json;
+  `calibration_split`, if given, fits new per-class biases on that split first.
   """
+  import numpy as np  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from tfrecords_builder import manifest as manifest_lib  # pylint: disable=g-import-not-at-top
-  from trainer import distribution, train  # pylint: disable=g-import-not-at-top
+  from trainer import calibration, distribution, train  # pylint: disable=g-import-not-at-top
   model_dir = model_dir.rstrip('/')
   config = train.load_config(model_dir)
   if logit_adjustment is not None:
     config = config.replace(logit_adjustment=logit_adjustment)
   manifest = manifest_lib.read(data_dir.rstrip('/'))
   manifest.split(split)
+  if calibration_split:
+    manifest.split(calibration_split)
   checkpoint = (tf.train.latest_checkpoint(f'{model_dir}/best') or
                 tf.train.latest_checkpoint(f'{model_dir}/checkpoints'))
   if not checkpoint:
@@ -62,11 +77,28 @@ def evaluate_model_dir(model_dir: str, data_dir: str, split: str,
   except AssertionError:
     raise ConfigError(f'{checkpoint}: does not match the model of {model_dir}/config.json with '
                       f'{manifest.num_classes} classes from {data_dir}') from None
+  class_weights = train.class_weights_for(config, manifest)
   steps = train.make_steps(model, None, runtime.strategy, config, manifest.num_classes,
-                           train.class_weights_for(config, manifest))
+                           class_weights)
+  used = None
+  if calibration_split:
+    record = calibration.calibrate(model, manifest, calibration_split, config,
+                                   steps.prediction_bias)
+    used = {'source': f'fitted on {calibration_split}', 'bias': record['bias']}
+  elif logit_adjustment is None:
+    try:
+      bias = calibration.read_bias(model_dir, manifest.num_classes)
+    except ValueError as e:
+      raise ConfigError(str(e)) from None
+    if bias is not None:
+      used = {'source': calibration.CALIBRATION_NAME, 'bias': [float(b) for b in bias]}
+  if used is not None:
+    steps = train.make_steps(model, None, runtime.strategy, config, manifest.num_classes,
+                             class_weights, prediction_bias=np.asarray(used['bias']))
   result = train.evaluate(steps, runtime, manifest, split, config, manifest.class_names)
   result['checkpoint'] = checkpoint
   result['logit_adjustment'] = config.logit_adjustment
+  result['calibration'] = used
   return result
 
 
@@ -81,7 +113,7 @@ def main(argv):
   if _LOGIT_ADJUSTMENT.value is not None and not 0 <= _LOGIT_ADJUSTMENT.value <= 1:
     raise ConfigError(f'--logit_adjustment: {_LOGIT_ADJUSTMENT.value} is out of range [0, 1]')
   result = evaluate_model_dir(_MODEL_DIR.value, _DATA_DIR.value, _SPLIT.value,
-                              _LOGIT_ADJUSTMENT.value)
+                              _LOGIT_ADJUSTMENT.value, _CALIBRATION_SPLIT.value)
   text = json.dumps(result, indent=2) + '\n'
   if _OUTPUT.value:
     from tfrecords_builder.fileio import write_atomic  # pylint: disable=g-import-not-at-top

@@ -13,6 +13,7 @@ model_dir layout:
   logs/{train,val}/      TensorBoard
   history.csv            one row per completed epoch (see history.py)
   export/                model.keras, serving/ SavedModel, labels.json
+  calibration.json       per-class decision bias fitted on config.calibration_split (if set)
   metrics.json           evaluation of the best checkpoint on val
 """
 
@@ -31,6 +32,7 @@ import tensorflow as tf
 from tfrecords_builder import fileio
 from tfrecords_builder import manifest as manifest_lib
 from tfrecords_builder.fileio import write_atomic
+from trainer import calibration
 from trainer import configs
 from trainer import data
 from trainer import distribution
@@ -113,12 +115,18 @@ class Steps:
   prediction_bias: np.ndarray | None = None
 
 
-def make_steps(model, optimizer, strategy, config, num_classes, class_weights) -> Steps:
-  """Builds the distributed train loop, eval loop and a cross-worker flag agreement."""
+def make_steps(model, optimizer, strategy, config, num_classes, class_weights,
+               prediction_bias: np.ndarray | None = None) -> Steps:
+  """Builds the distributed train loop, eval loop and a cross-worker flag agreement.
+
+  Predictions add `prediction_bias` (e.g. a fitted calibration) to the logits, by default the
+  config's logit adjustment.
+  """
   loss_kw = {'class_weights': class_weights, 'loss_type': config.loss,
              'focal_gamma': config.focal_gamma}
   scale_loss = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
-  bias = losses.logit_adjustment_bias(class_weights, config.logit_adjustment)
+  bias = (losses.logit_adjustment_bias(class_weights, config.logit_adjustment)
+          if prediction_bias is None else np.asarray(prediction_bias, np.float32))
 
   def predict(logits):
     if bias is not None:
@@ -283,7 +291,8 @@ def run(config: configs.Config, data_dir: str, model_dir: str, *,
     fileio.check_bucket(path, flag)
   model_dir = model_dir.rstrip('/')
   manifest = manifest_lib.read(data_dir.rstrip('/'))
-  for split in ('train', 'val'):
+  for split in ('train', 'val') + ((config.calibration_split,) if config.calibration_split
+                                    else ()):
     manifest.split(split)
   runtime = runtime or distribution.create_runtime(config.strategy, config.mixed_precision,
                                                    config.peer_timeout_seconds)
@@ -452,7 +461,7 @@ def weights_checksum(model) -> float:
 
 def finish(config, manifest, model_dir: str, best_dir: str, runtime, log,
            export: bool = True) -> dict:
-  """Chief only: evaluates the best checkpoint on val, writes metrics.json, exports.
+  """Chief only: calibrates (if configured), evaluates the best checkpoint on val, exports.
 
   Runs on a fresh single-device model restored from the checkpoint, so no collective op (which
   the other workers would have to join) is involved.
@@ -463,10 +472,27 @@ def finish(config, manifest, model_dir: str, best_dir: str, runtime, log,
                                 precision=runtime.precision)
   model = build_model(config, manifest.num_classes)
   tf.train.Checkpoint(model=model).restore(best).expect_partial().assert_existing_objects_matched()
-  steps = make_steps(model, None, single.strategy, config, manifest.num_classes,
-                     class_weights_for(config, manifest))
+  class_weights = class_weights_for(config, manifest)
+  steps = make_steps(model, None, single.strategy, config, manifest.num_classes, class_weights)
+  uncalibrated = None
+  if config.calibration_split:
+    record = calibration.calibrate(model, manifest, config.calibration_split, config,
+                                   steps.prediction_bias)
+    calibration.write(model_dir, record)
+    change = np.asarray(record['bias']) - np.asarray(record['initial_bias'])
+    log(f'calibration on {record["split"]} ({record["num_pixels"]} pixels): mIoU there '
+        f'{record["mean_iou_before"]:.4f} -> {record["mean_iou_after"]:.4f}; bias change ' +
+        ', '.join(f'{n} {d:+.1f}' for n, d in zip(manifest.class_names, change) if d))
+    uncalibrated = evaluate(steps, single, manifest, 'val', config, manifest.class_names)
+    steps = make_steps(model, None, single.strategy, config, manifest.num_classes,
+                       class_weights, prediction_bias=np.asarray(record['bias']))
   result = evaluate(steps, single, manifest, 'val', config, manifest.class_names)
   result['checkpoint'] = best
+  if uncalibrated is not None:
+    result['calibration_split'] = config.calibration_split
+    result['uncalibrated'] = {k: uncalibrated[k] for k in ('mean_iou', 'pixel_accuracy')}
+    log(f'val without calibration: mIoU {uncalibrated["mean_iou"]:.4f}, pixel accuracy '
+        f'{uncalibrated["pixel_accuracy"]:.4f}')
   _write_json(f'{model_dir}/{METRICS_NAME}', result)
   log(f'best checkpoint {best}: val mIoU {result["mean_iou"]:.4f}, pixel accuracy '
       f'{result["pixel_accuracy"]:.4f}')

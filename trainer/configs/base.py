@@ -70,6 +70,11 @@ class Config:
   # logit adjustment"), so rare classes are over-predicted; 1.0 removes that shift entirely, 0
   # keeps it. The weights still shape what the features learn. No effect without class weights.
   logit_adjustment: float = 0.0
+  # After training, fit one more offset per class on this split (trainer/calibration.py says
+  # why), starting from the logit adjustment, to maximise its mean IoU; the final evaluation
+  # (metrics.json), trainer.evaluate and the export use it. None = off. Use a training split:
+  # fitted on val, val would no longer measure the model honestly.
+  calibration_split: str | None = None
   early_stopping_patience: int | None = None  # Stop after this many epochs without a new best.
   # A validation is a new best (checkpointed to best/, resetting the patience) only when its
   # mIoU beats the previous best by more than this; tiny wobbles then do not keep a run alive.
@@ -188,6 +193,7 @@ def validate(config: Config) -> None:
       'early_stopping_min_delta': 0 <= config.early_stopping_min_delta < 1,
       'lovasz_weight': config.lovasz_weight >= 0,
       'logit_adjustment': 0 <= config.logit_adjustment <= 1,
+      'calibration_split': config.calibration_split is None or bool(config.calibration_split),
   }
   for name, ok in checks.items():
     if not ok:
