@@ -31,8 +31,10 @@ from trainer import data
 
 CALIBRATION_NAME = 'calibration.json'
 # Pixels kept per frame (a regular grid). CamVid's 367 train frames then give ~2.5M pixels,
-# ~110 MB of float32 logits: enough for 11 offsets, small enough for any chief.
+# ~110 MB of float32 logits: enough for 11 offsets. Larger splits keep fewer per frame, so the
+# whole sample stays under MAX_PIXELS (~320 MB of logits for 20 classes) on any chief.
 PIXELS_PER_FRAME = 8192
+MAX_PIXELS = 4_000_000
 
 
 def mean_iou(cm: np.ndarray) -> float:
@@ -112,17 +114,21 @@ def fit_bias(logits: np.ndarray, labels: np.ndarray, init_bias: np.ndarray | Non
 
 
 def sample_logits(model, manifest, split: str, config,
-                  pixels_per_frame: int = PIXELS_PER_FRAME) -> tuple[np.ndarray, np.ndarray]:
+                  pixels_per_frame: int | None = None) -> tuple[np.ndarray, np.ndarray]:
   """The model's evaluation logits (flip-averaged if config.eval_flip) on a pixel grid.
 
   Frames go through the evaluation pipeline (whole frames resized to image_size); logits are
-  resized to label resolution like in evaluation, and a regular grid of about
-  `pixels_per_frame` pixels per frame is kept. Void pixels are dropped.
+  resized to label resolution like in evaluation, and a regular grid of at most
+  `pixels_per_frame` pixels per frame is kept (default: PIXELS_PER_FRAME, fewer if the split
+  would exceed MAX_PIXELS). Void pixels are dropped.
 
   Returns:
     (logits [N, C] float32, labels [N] int32).
   """
   num_classes = manifest.num_classes
+  if pixels_per_frame is None:
+    frames = max(1, manifest.split(split)['num_examples'])
+    pixels_per_frame = max(1, min(PIXELS_PER_FRAME, MAX_PIXELS // frames))
 
   @tf.function(reduce_retracing=True)
   def predict(images, size):
