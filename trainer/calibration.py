@@ -28,6 +28,7 @@ import tensorflow as tf
 
 from tfrecords_builder import fileio
 from trainer import data
+from trainer import model as model_lib
 
 CALIBRATION_NAME = 'calibration.json'
 # Pixels kept per frame (a regular grid). CamVid's 367 train frames then give ~2.5M pixels,
@@ -132,10 +133,7 @@ def sample_logits(model, manifest, split: str, config,
 
   @tf.function(reduce_retracing=True)
   def predict(images, size):
-    logits = model(images, training=False)
-    if config.eval_flip:
-      flipped = model(tf.reverse(images, [2]), training=False)
-      logits = (logits + tf.reverse(flipped, [2])) / 2
+    logits = model_lib.predict_logits(model, images, config.eval_flip)
     return tf.image.resize(logits, size, method='bilinear')
 
   kept_logits, kept_labels = [], []

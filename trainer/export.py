@@ -28,6 +28,7 @@ import tensorflow as tf
 
 from tfrecords_builder import fileio
 from tfrecords_builder.errors import InputError
+from trainer import model as model_lib
 
 MODEL_NAME = 'model.keras'
 SERVING_NAME = 'serving'
@@ -79,13 +80,7 @@ def _serving_fn(model: keras.Model, image_size: tuple[int, int], flip: bool,
     tf.debugging.assert_equal(
         sizes, tf.broadcast_to(out_size, tf.shape(sizes)),
         message='all images of one call must have the same height and width')
-    logits = model(images, training=False)
-    if flip:
-      # One model call on the doubled batch is cheaper than two; the flipped half's logits are
-      # flipped back so both halves are aligned with the input before averaging.
-      both = model(tf.concat([images, tf.reverse(images, axis=[2])], axis=0), training=False)
-      plain, mirrored = tf.split(both, 2, axis=0)
-      logits = 0.5 * (plain + tf.reverse(mirrored, axis=[2]))
+    logits = model_lib.predict_logits(model, images, flip)
     # Interpolate the logits, not the argmax, so class boundaries are smooth at full resolution.
     logits = tf.image.resize(logits, out_size, method='bilinear')
     if logit_bias is not None:

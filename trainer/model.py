@@ -137,3 +137,18 @@ def build_unet(num_classes: int,
     logits = keras.layers.UpSampling2D(stem_stride, interpolation='bilinear', dtype='float32',
                                        name='logits_upsample')(logits)
   return keras.Model(inputs, logits, name=name)
+
+
+def predict_logits(model: keras.Model, images, flip: bool = False):
+  """Inference logits of `images`, averaged with those of their mirror images if `flip`.
+
+  The one place test-time flip averaging is defined (evaluation, calibration and the export all
+  call it): one model call on the doubled batch, cheaper than two calls; the mirrored half's
+  logits are flipped back so both halves line up with the input before averaging.
+  """
+  if not flip:
+    return model(images, training=False)
+  both = model(keras.ops.concatenate([images, keras.ops.flip(images, axis=2)], axis=0),
+               training=False)
+  plain, mirrored = keras.ops.split(both, 2, axis=0)
+  return 0.5 * (plain + keras.ops.flip(mirrored, axis=2))

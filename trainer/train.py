@@ -166,11 +166,7 @@ def make_steps(model, optimizer, strategy, config, num_classes, class_weights,
     return totals
 
   def eval_step(batch):
-    images = batch['image']
-    logits = model(images, training=False)
-    if config.eval_flip:
-      flipped = model(tf.reverse(images, [2]), training=False)
-      logits = (logits + tf.reverse(flipped, [2])) / 2
+    logits = model_lib.predict_logits(model, batch['image'], config.eval_flip)
     # Metrics at label resolution: predictions go up, labels never down.
     logits = tf.image.resize(logits, tf.shape(batch['mask'])[1:3], method='bilinear')
     valid = tf.cast(batch['valid'], tf.float32)
