@@ -143,3 +143,27 @@ def test_compute_metrics_validates_shape():
     metrics.compute_metrics(np.zeros((3, 3)), ['a', 'b'])
   with pytest.raises(ValueError):
     metrics.compute_metrics(np.zeros((2, 3)), ['a', 'b'])
+
+
+def test_mean_iou_leaves_out_absent_classes():
+  # Class 2 is in neither labels nor predictions: the mean is over classes 0 and 1 only.
+  cm = np.array([[3, 1, 0], [0, 2, 0], [0, 0, 0]])
+  assert metrics.mean_iou(cm) == pytest.approx((3 / 4 + 2 / 3) / 2)
+  assert metrics.mean_iou(np.zeros([3, 3])) is None
+
+
+@pytest.mark.parametrize('seed', range(5))
+def test_mean_iou_is_the_mean_of_the_per_class_scores(seed):
+  # The calibration maximises metrics.mean_iou; the reports show compute_metrics' per-class IoU.
+  # Both must be the same number, also with absent and never-predicted classes.
+  rng = np.random.default_rng(seed)
+  cm = rng.integers(0, 50, size=(6, 6))
+  cm[rng.integers(6)] = 0  # A class never in the labels (it may still be predicted).
+  absent = rng.integers(6)
+  cm[absent] = 0
+  cm[:, absent] = 0
+  result = metrics.compute_metrics(cm, [str(c) for c in range(6)])
+  ious = [s['iou'] for s in result['per_class'].values() if s['iou'] is not None]
+  assert result['per_class'][str(absent)]['iou'] is None
+  assert metrics.mean_iou(cm) == pytest.approx(sum(ious) / len(ious))
+  assert result['mean_iou'] == metrics.mean_iou(cm)

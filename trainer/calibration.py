@@ -28,6 +28,7 @@ import tensorflow as tf
 
 from tfrecords_builder import fileio
 from trainer import data
+from trainer import metrics
 from trainer import model as model_lib
 
 CALIBRATION_NAME = 'calibration.json'
@@ -36,14 +37,6 @@ CALIBRATION_NAME = 'calibration.json'
 # whole sample stays under MAX_PIXELS (~320 MB of logits for 20 classes) on any chief.
 PIXELS_PER_FRAME = 8192
 MAX_PIXELS = 4_000_000
-
-
-def mean_iou(cm: np.ndarray) -> float:
-  """Mean IoU over classes present in labels or predictions (as metrics.compute_metrics)."""
-  tp = np.diag(cm).astype(np.float64)
-  union = cm.sum(0) + cm.sum(1) - tp
-  present = union > 0
-  return float((tp[present] / union[present]).mean()) if present.any() else 0.0
 
 
 def confusion(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:
@@ -74,7 +67,7 @@ def _sweep_class(scores: np.ndarray, labels: np.ndarray, c: int,
   switched = np.cumsum(hist.reshape(len(grid) + 1, num_classes, num_classes)[:-1], axis=0)
   cms = base[None] - switched
   cms[:, :, c] += switched.sum(axis=2)
-  return np.array([mean_iou(cm) for cm in cms])
+  return np.array([metrics.mean_iou(cm) for cm in cms])
 
 
 def fit_bias(logits: np.ndarray, labels: np.ndarray, init_bias: np.ndarray | None = None,
@@ -163,8 +156,8 @@ def calibrate(model, manifest, split: str, config, init_bias: np.ndarray | None)
   start = (np.zeros(num_classes, np.float32) if init_bias is None
            else np.asarray(init_bias, np.float32))
   bias = fit_bias(logits, labels, start) if len(labels) else start
-  before = mean_iou(confusion(labels, (logits + start).argmax(1), num_classes))
-  after = mean_iou(confusion(labels, (logits + bias).argmax(1), num_classes))
+  before = metrics.mean_iou(confusion(labels, (logits + start).argmax(1), num_classes))
+  after = metrics.mean_iou(confusion(labels, (logits + bias).argmax(1), num_classes))
   return {'split': split, 'num_pixels': int(len(labels)),
           'class_names': list(manifest.class_names),
           'initial_bias': [float(b) for b in start], 'bias': [float(b) for b in bias],

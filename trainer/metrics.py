@@ -66,6 +66,20 @@ def _mean(values) -> float | None:
   return float(sum(defined) / len(defined)) if defined else None
 
 
+def mean_iou(cm) -> float | None:
+  """Mean IoU over the classes present in the labels or the predictions; None if none is.
+
+  The one definition of the headline number: compute_metrics reports it, and the calibration
+  (trainer/calibration.py) maximises it over thousands of candidate matrices, so it is
+  vectorised rather than built from compute_metrics' per-class dicts.
+  """
+  cm = np.asarray(cm, dtype=np.float64)
+  tp = np.diag(cm)
+  union = cm.sum(0) + cm.sum(1) - tp
+  present = union > 0
+  return float((tp[present] / union[present]).mean()) if present.any() else None
+
+
 def compute_metrics(cm, class_names: Sequence[str]) -> dict:
   """Computes pixel accuracy and per-class / mean IoU, precision, recall and F1.
 
@@ -122,7 +136,7 @@ def compute_metrics(cm, class_names: Sequence[str]) -> dict:
 
   return {
       'pixel_accuracy': _ratio(int(tp.sum()), total),
-      'mean_iou': mean_of('iou'),
+      'mean_iou': mean_iou(cm),
       'mean_precision': mean_of('precision'),
       'mean_recall': mean_of('recall'),
       'mean_f1': mean_of('f1'),

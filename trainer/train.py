@@ -476,8 +476,11 @@ def finish(config, manifest, model_dir: str, best_dir: str, runtime, log,
                                    steps.prediction_bias)
     calibration.write(model_dir, record)
     change = np.asarray(record['bias']) - np.asarray(record['initial_bias'])
+    # None when the split has no labelled pixels (the bias then stays at its start).
+    before, after = (f'{v:.4f}' if v is not None else 'n/a'
+                     for v in (record['mean_iou_before'], record['mean_iou_after']))
     log(f'calibration on {record["split"]} ({record["num_pixels"]} pixels): mIoU there '
-        f'{record["mean_iou_before"]:.4f} -> {record["mean_iou_after"]:.4f}; bias change ' +
+        f'{before} -> {after}; bias change ' +
         ', '.join(f'{n} {d:+.1f}' for n, d in zip(manifest.class_names, change) if d))
     uncalibrated = evaluate(steps, single, manifest, 'val', config, manifest.class_names)
     steps = make_steps(model, None, single.strategy, config, manifest.num_classes,
