@@ -27,10 +27,12 @@ def small() -> Config:
   on real CamVid", runs B2, B3): val mIoU 0.6376 / pixel accuracy 0.9143 (B2) and 0.6379 /
   0.9154 (B3, seed 7), 21.4 and 21.5 minutes whole at ~18 s epochs; 0.626 / 0.628 before the
   final calibration; 0.6188 / 0.9120 with seed 3 (B4), 0.631 on average over the three.
-  Without random scaling (scale 1.0, runs D1-D3, same three seeds) 0.649, 0.636, 0.639. Best checkpoint, flip averaging, logit adjustment 0.5, then per-class
-  offsets fitted on the train split (calibration_split; +0.7 to +2.0 mIoU points on eight runs).
+  Without random scaling (scale 1.0, runs D1-D3, same three seeds) 0.649, 0.636, 0.639; not
+  adopted (README). Best checkpoint, flip averaging, logit adjustment 0.5, then per-class
+  offsets fitted on the train split (calibration_split; +0.0 to +2.7 mIoU points on 13 runs).
   Less augmentation (scale 0.9-1.25, no colour jitter) against scale 0.75-1.5 with jitter
-  0.1: calibrated 0.638 on average against 0.617 over four runs (Z2, Z4, Z5, A1).
+  0.1: calibrated 0.638 on average (B2, B3; 0.631 with B4) against 0.617 over four runs (Z2,
+  Z4, Z5, A1).
   Learning rate on the same day and seed: 1e-3 0.590, 5e-4 0.609, 2.5e-4 0.596; 1.5e-3 scored
   0.573 and 0.577 (X, Y), 3e-3 averaged 0.563 over five runs (N, O, P, U, V; 0.594 at best)
   and 6e-3 0.505 (W); 72 epochs at 5e-4 0.608 (AA).
