@@ -1,7 +1,7 @@
 """A local Google Cloud Storage on 127.0.0.1 for TensorFlow, google-cloud-storage and the tests.
 
     python scripts/gcs_emulator.py [--bucket NAME ...] [--port N] [--fault_rate 0.1 --seed 0]
-        [--deny_bucket NAME ...] [--no_proxy HOST,...] [--log_requests]
+        [--fault_only REGEX] [--deny_bucket NAME ...] [--no_proxy HOST,...] [--log_requests]
 
 Starts the `gcp-storage-emulator` package's server (in memory) and, in front of it, a small
 loopback proxy; prints one `export NAME=VALUE` line per environment variable the tools need, then
@@ -37,6 +37,8 @@ The emulator runs in memory because only that mode keeps `dir/` marker objects.
 Faults (--fault_rate F): that fraction of object/bucket requests gets a 503 or a dropped
 connection before it reaches the emulator, chosen by a hash of (seed, request, occurrence), so a
 run is reproducible, and never on the same request twice in a row, so a client's retry succeeds.
+--fault_only REGEX limits the faults to requests whose "METHOD host path?query" matches (with
+--fault_rate 1, every first attempt of those fails: a deterministic fault in one kind of step).
 --deny_bucket NAME answers 403 to every request on that bucket (permission-denied tests).
 
 HTTPS_PROXY also catches gRPC (tf.distribute) and any other HTTPS client: NO_PROXY/no_proxy list
@@ -56,6 +58,7 @@ import json
 import logging
 import os
 import pathlib
+import re
 import signal
 import socket
 import socketserver
@@ -318,8 +321,9 @@ def start_emulator(buckets: list[str]):
 class Faults:
   """Decides which requests fail: a deterministic hash of (seed, request, occurrence)."""
 
-  def __init__(self, rate: float, seed: int):
+  def __init__(self, rate: float, seed: int, only: str | None = None):
     self.rate, self.seed = rate, seed
+    self._only = re.compile(only) if only else None
     self._lock = threading.Lock()
     self._seen = {}  # request key -> occurrences so far
     self._failed_last = set()  # keys whose previous occurrence failed
@@ -333,7 +337,7 @@ class Faults:
     """Returns None (pass), '503' or 'drop'."""
     with self._lock:
       self.counts['requests'] += 1
-      if self.rate <= 0:
+      if self.rate <= 0 or (self._only and not self._only.search(key)):
         return None
       if len(self._seen) > 200_000:  # Bounded memory on a long-lived server.
         self._seen.clear()
@@ -343,7 +347,7 @@ class Faults:
         self._failed_last.discard(key)  # The retry of a failed request always passes.
         return None
       digest = hashlib.sha256(f'{self.seed}|{key}|{occurrence}'.encode()).digest()
-      if int.from_bytes(digest[:8], 'big') / 2**64 >= self.rate:
+      if int.from_bytes(digest[:8], 'big') / 2**64 >= self.rate:  # Never, at rate 1.
         return None
       self._failed_last.add(key)
       kind = '503' if digest[8] % 2 else 'drop'
@@ -502,6 +506,8 @@ def _parse_args(argv):
   parser.add_argument('--fault_rate', type=float, default=0.0,
                       help='Fraction of requests answered by a 503 or a dropped connection.')
   parser.add_argument('--seed', type=int, default=0, help='Seed of the fault choice.')
+  parser.add_argument('--fault_only', default=None,
+                      help='Fault only requests matching this regex ("METHOD host path?query").')
   parser.add_argument('--deny_bucket', action='append', default=[],
                       help='Answer 403 to every request on this bucket.')
   parser.add_argument('--no_proxy', default='',
@@ -512,8 +518,13 @@ def _parse_args(argv):
   args = parser.parse_args(argv)
   if not ipaddress.ip_address(args.host).is_loopback:
     parser.error(f'--host {args.host}: must be a loopback address')
-  if not 0.0 <= args.fault_rate < 1.0:
-    parser.error(f'--fault_rate {args.fault_rate}: must be in [0, 1)')
+  if not 0.0 <= args.fault_rate <= 1.0:
+    parser.error(f'--fault_rate {args.fault_rate}: must be in [0, 1]')
+  if args.fault_only:
+    try:
+      re.compile(args.fault_only)
+    except re.error as e:
+      parser.error(f'--fault_only {args.fault_only!r}: not a regular expression ({e})')
   return args
 
 
@@ -550,7 +561,7 @@ def main(argv=None) -> int:
     context.load_cert_chain(cert_path, key_path)
     emulator, emulator_port = start_emulator(args.bucket)
     proxy = ProxyServer((args.host, args.port), emulator_port, context,
-                        Faults(args.fault_rate, args.seed), set(args.deny_bucket),
+                        Faults(args.fault_rate, args.seed, args.fault_only), set(args.deny_bucket),
                         args.log_requests)
     threading.Thread(target=proxy.serve_forever, name='gcs-proxy', daemon=True).start()
     for name, value in environment(args.host, proxy.server_address[1], ca_path,

@@ -217,15 +217,20 @@ def test_crash_during_reexport_leaves_no_complete_looking_export(model, tmp_path
   _export(model, tmp_path)
   assert export_lib.load_labels(str(tmp_path))
 
-  def crash(*args, **kwargs):
+  def crash(unused_model, path, *args):
+    # Dies half-way: the new SavedModel directory exists with only part of its files.
+    os.makedirs(path)
+    with open(os.path.join(path, 'saved_model.pb'), 'wb') as f:
+      f.write(b'partial')
     raise RuntimeError('simulated crash while writing the SavedModel')
 
   monkeypatch.setattr(export_lib, '_write_saved_model', crash)
   with pytest.raises(RuntimeError, match='simulated crash'):
     _export(model, tmp_path)
-  # The old labels.json went first, so the half-replaced export is not mistaken for a whole one;
-  # and no temporary names are left behind.
+  # The old labels.json went first, so the half-written export is not mistaken for a whole one
+  # (the predict tool checks the same file); and no temporary names are left behind.
   assert sorted(os.listdir(tmp_path)) == ['model.keras', 'serving']
+  assert os.listdir(tmp_path / 'serving') == ['saved_model.pb']
   with pytest.raises(InputError, match='not found'):
     export_lib.load_labels(str(tmp_path))
 

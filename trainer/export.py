@@ -12,9 +12,10 @@
                 flip is baked in and the baked-in logit bias (null if none). Written last: it
                 marks the export as complete.
 
-Every artifact is written under a temporary name and renamed when complete, and an existing
-labels.json is removed before anything is replaced, so a crash at any point leaves a directory
-without labels.json, which `load_labels` (and hence the predict tool) rejects. All file access
+An existing labels.json is removed before anything is replaced, model.keras is written under a
+temporary name and renamed, serving/ is written in place (see export_model) and labels.json
+last, so a crash at any point leaves a directory without labels.json, which `load_labels` (and
+hence the predict tool) rejects. All file access
 goes through `tf.io.gfile`, so `export_dir` may be a gs:// path.
 """
 
@@ -174,15 +175,14 @@ def export_model(model: keras.Model,
   finally:
     _remove(model_tmp)
 
+  # The SavedModel is written in place, not under a temporary name and renamed: a directory
+  # rename on GCS is a copy and a delete per object (no more atomic than writing in place), and
+  # TF 2.21's gives up with a 404 when a transient error hits the is-directory check of its retry
+  # (it then renames the directory as if it were one object). labels.json, removed above and
+  # written last, is what marks the export complete.
   serving_path = os.path.join(export_dir, SERVING_NAME)
-  serving_tmp = fileio.temp_path(serving_path)
-  try:
-    _write_saved_model(model, serving_tmp, (height, width), flip, logit_bias)
-    # A directory rename cannot overwrite a non-empty directory, so the old one goes first.
-    _remove(serving_path)
-    tf.io.gfile.rename(serving_tmp, serving_path)
-  finally:
-    _remove(serving_tmp)
+  _remove(serving_path)
+  _write_saved_model(model, serving_path, (height, width), flip, logit_bias)
 
   labels = {
       'classes': [{'index': i, 'name': str(name), 'color': [int(c) for c in color]}
