@@ -331,7 +331,7 @@ def test_export_survives_faults_in_directory_checks_and_nested_copies():
   Regression: the export used to publish serving/ by a directory rename, which TF (2.21) does
   object by object and, when the is-directory check of its retry hits a transient error, goes on
   to rename the directory as if it were one object and fails with a 404. The 10% random faults
-  of faulty_gcs hit that in one of three CI runs (session 10); these faults hit it every time.
+  of faulty_gcs hit that in about one CI run of three; these faults hit it every time.
   """
   emulator = gcs_harness.start('--bucket', BUCKET, '--fault_rate', '1', '--fault_only',
                                r'maxResults=1\b|%2F[^/?]*%2F[^/?]*/rewriteTo/')

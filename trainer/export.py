@@ -15,8 +15,8 @@
 An existing labels.json is removed before anything is replaced, model.keras is written under a
 temporary name and renamed, serving/ is written in place (see export_model) and labels.json
 last, so a crash at any point leaves a directory without labels.json, which `load_labels` (and
-hence the predict tool) rejects. All file access
-goes through `tf.io.gfile`, so `export_dir` may be a gs:// path.
+hence the predict tool) rejects. All file access goes through `tf.io.gfile`, so `export_dir`
+may be a gs:// path.
 """
 
 from collections.abc import Sequence

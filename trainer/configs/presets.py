@@ -42,8 +42,8 @@ def small() -> Config:
   The adjustment (0.5 chosen on the train split over eight stored 3e-3 runs) added ~0.5 mIoU
   and ~1.7 pixel-accuracy points there. Wall clock for the whole command, including 4
   validations, the calibration (~52 s), the final evaluation and the export: 20-23 minutes
-  at 15.5-19.7 s median epochs (B2-B4, D2, D3, D5, quiet); the slowest days measured (median epochs
-  22-23.5 s; runs X, V, before calibration) would make that about 27-29 minutes.
+  at 15.5-19.7 s median epochs (B2-B4, D2, D3, D5, quiet); the slowest days measured (median
+  epochs 22-23.5 s; runs X, V, before calibration) would make that about 27-29 minutes.
   At 3e-3, 72 epochs (0.546, 0.575) and 80 (0.608, 31 minutes on a slow day) were not adopted. The
   recipe's choices (a stride-2 stem that frees the time for a 288x384 input, 192x192 crops,
   batch 4, no dropout and light augmentation for an under-fitted model, BatchNorm momentum, class
