@@ -321,9 +321,9 @@ def start_emulator(buckets: list[str]):
 class Faults:
   """Decides which requests fail: a deterministic hash of (seed, request, occurrence)."""
 
-  def __init__(self, rate: float, seed: int, only: str | None = None):
+  def __init__(self, rate: float, seed: int, only: re.Pattern | None = None):
     self.rate, self.seed = rate, seed
-    self._only = re.compile(only) if only else None
+    self._only = only  # Requests it may fail; None = all.
     self._lock = threading.Lock()
     self._seen = {}  # request key -> occurrences so far
     self._failed_last = set()  # keys whose previous occurrence failed
@@ -522,7 +522,7 @@ def _parse_args(argv):
     parser.error(f'--fault_rate {args.fault_rate}: must be in [0, 1]')
   if args.fault_only:
     try:
-      re.compile(args.fault_only)
+      args.fault_only = re.compile(args.fault_only)
     except re.error as e:
       parser.error(f'--fault_only {args.fault_only!r}: not a regular expression ({e})')
   return args
