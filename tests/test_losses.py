@@ -252,3 +252,34 @@ def test_lovasz_ignores_void_and_is_zero_without_valid_pixels():
     loss = losses.lovasz_softmax(labels, logits)
   grad = tape.gradient(loss, logits).numpy()
   assert np.all(np.isfinite(grad)) and np.any(grad[0, 0, 0]) and not np.any(grad[0, 1])
+
+
+def test_soft_dice_matches_hand_computation_and_skips_void_and_absent_classes():
+  # Uniform logits over 3 classes, valid pixels: label 0 once, label 1 twice (the 255 is void,
+  # class 2 is absent). Each class gets p = 1/3 on the 3 valid pixels, so sum p_c = 1.
+  # Class 0: (2 * 1/3 + 1) / (1 + 1 + 1) = 5/9. Class 1: (2 * 2/3 + 1) / (1 + 2 + 1) = 7/12.
+  labels = np.array([[[0, 1], [255, 1]]])
+  logits = np.zeros((1, 2, 2, 3), np.float32)
+  want = 1.0 - (5 / 9 + 7 / 12) / 2
+  assert float(losses.soft_dice(labels, logits)) == pytest.approx(want, rel=1e-6)
+  # Changing the void pixel's logits changes nothing.
+  logits[0, 1, 0] = [9.0, -3.0, 4.0]
+  assert float(losses.soft_dice(labels, logits)) == pytest.approx(want, rel=1e-6)
+
+
+def test_soft_dice_is_small_when_certain_and_right_and_zero_without_valid_pixels():
+  labels = np.array([[[0, 1, 1, 2]]])
+  right = tf.one_hot(labels, 3) * 60.0
+  wrong = tf.one_hot((labels + 1) % 3, 3) * 60.0
+  # With smooth 1: each class's Dice is (2n + 1) / (2n + 1) = 1 when right, 1 / (n + m + 1) when
+  # every pixel is wrong (n labelled, m predicted).
+  assert float(losses.soft_dice(labels, right)) == pytest.approx(0.0, abs=1e-6)
+  assert float(losses.soft_dice(labels, wrong)) == pytest.approx(
+      1.0 - (1 / 3 + 1 / 4 + 1 / 4) / 3, rel=1e-5)
+  void = np.full((1, 2, 3), 255)
+  logits = tf.Variable(np.random.default_rng(0).normal(size=(1, 2, 3, 4)).astype(np.float32))
+  with tf.GradientTape() as tape:
+    loss = losses.soft_dice(void, logits)
+  grad = tape.gradient(loss, logits)
+  assert float(loss) == 0.0
+  assert grad is None or not np.any(grad.numpy())

@@ -207,11 +207,11 @@ def test_early_stopping_and_vertex_ai_dirs(smoke_data, tmp_path):
 def test_training_crops_and_sparse_validation(smoke_data, tmp_path):
   """Crops smaller than image_size train the same weights that whole frames are served with."""
   hparams = tmp_path / 'hp.json'
-  # Also trains with the Lovasz term on, which must leave a finite loss in every epoch, and
-  # with the stride-2 stem, whose model must still serve whole frames at image_size.
+  # Also trains with the Lovasz and Dice terms on, which must leave a finite loss in every
+  # epoch, and with the stride-2 stem, whose model must still serve whole frames at image_size.
   hparams.write_text(json.dumps({'epochs': 3, 'eval_every_epochs': 2, 'crop_size': [16, 24],
                                  'image_size': [32, 32], 'bn_momentum': 0.9,
-                                 'lovasz_weight': 0.5, 'stem_stride': 2,
+                                 'lovasz_weight': 0.5, 'dice_weight': 0.5, 'stem_stride': 2,
                                  'class_weighting': 'inverse_sqrt', 'logit_adjustment': 0.5}))
   model_dir = tmp_path / 'model'
   proc = run_module('trainer.task', *SMOKE, '--data_dir', smoke_data, '--model_dir', model_dir,

@@ -10,7 +10,8 @@ gathered with a safe index, so they contribute neither loss nor gradient and nev
 
 `lovasz_softmax` is the exception: the Lovasz extension of the Jaccard loss (Berman et al.,
 CVPR 2018) optimises IoU directly and is not a sum over pixels, so it is a mean per batch,
-added on top of the pixel loss with its own weight.
+added on top of the pixel loss with its own weight; so is `soft_dice`, the cheap (sort-free)
+overlap surrogate nnU-Net pairs with cross-entropy.
 """
 
 from collections.abc import Sequence
@@ -145,6 +146,42 @@ def lovasz_softmax(labels, logits, ignore_label: int = 255) -> tf.Tensor:
   per_class = tf.reduce_sum(errors * grad, axis=1)
   present = tf.cast(positives[:, 0] > 0, tf.float32)
   return tf.reduce_sum(per_class * present) / tf.maximum(tf.reduce_sum(present), 1.0)
+
+
+def soft_dice(labels, logits, ignore_label: int = 255, smooth: float = 1.0) -> tf.Tensor:
+  """Soft Dice loss of one batch: 1 - the mean soft Dice over classes present in it.
+
+  Per class c over the batch's valid pixels (batch Dice, as in nnU-Net, so a class with a few
+  pixels in one image is not scored on that image alone): Dice_c = (2 sum p_c t_c + smooth) /
+  (sum p_c + sum t_c + smooth), p the softmax probabilities and t the one-hot labels. Like
+  `lovasz_softmax` it rewards overlap per class, whatever the class's pixel count, but costs
+  only a softmax and a few sums (no sort). Classes absent from the batch's labels are left out,
+  for the same reason as there.
+
+  Args:
+    labels: Integer class indices [B, H, W]; `ignore_label` or any label outside [0, C) is void.
+    logits: Unnormalised scores [B, H, W, C]; cast to float32 first.
+    ignore_label: Label value marking void pixels.
+    smooth: Added to numerator and denominator; keeps the ratio defined and its gradient tame.
+
+  Returns:
+    float32 scalar in [0, 1); 0 for a batch with no valid pixel.
+  """
+  logits = tf.cast(logits, tf.float32)
+  num_classes = tf.shape(logits)[-1]
+  labels = tf.reshape(tf.cast(labels, tf.int32), [-1])
+  valid = _valid(labels, ignore_label, num_classes)
+  probs = tf.reshape(tf.nn.softmax(logits), [-1, num_classes])
+  # one_hot of an out-of-range label (void) is all zeros; the mask removes void's probabilities.
+  truth = tf.one_hot(tf.where(valid, labels, -1), num_classes, dtype=tf.float32)
+  probs *= tf.cast(valid, tf.float32)[:, None]
+  intersection = tf.reduce_sum(probs * truth, axis=0)
+  positives = tf.reduce_sum(truth, axis=0)
+  dice = (2.0 * intersection + smooth) / (tf.reduce_sum(probs, axis=0) + positives + smooth)
+  present = tf.cast(positives > 0, tf.float32)
+  num_present = tf.reduce_sum(present)
+  mean_dice = tf.reduce_sum(dice * present) / tf.maximum(num_present, 1.0)
+  return tf.where(num_present > 0, 1.0 - mean_dice, 0.0)
 
 
 def class_weights_from_counts(pixel_counts: Sequence[float] | np.ndarray,

@@ -141,12 +141,15 @@ def make_steps(model, optimizer, strategy, config, num_classes, class_weights,
       context = tf.distribute.get_replica_context()
       global_weight = context.all_reduce('sum', weight_sum)
       loss = loss_sum / tf.maximum(global_weight, 1e-6)
-      if config.lovasz_weight:
-        # A per-replica batch mean (not a pixel sum): the replicas' gradients sum to the mean
-        # over replicas. Reported in the train loss weighted by the replica's pixel weight.
-        lovasz = config.lovasz_weight * losses.lovasz_softmax(batch['mask'], logits)
-        loss += lovasz / context.num_replicas_in_sync
-        loss_sum += lovasz * weight_sum
+      # Set-level terms are per-replica batch means (not pixel sums): the replicas' gradients
+      # sum to the mean over replicas. Reported in the train loss weighted by the replica's
+      # pixel weight.
+      for weight, term in ((config.lovasz_weight, losses.lovasz_softmax),
+                           (config.dice_weight, losses.soft_dice)):
+        if weight:
+          extra = weight * term(batch['mask'], logits)
+          loss += extra / context.num_replicas_in_sync
+          loss_sum += extra * weight_sum
       scaled = optimizer.scale_loss(loss) if scale_loss else loss
     grads = tape.gradient(scaled, model.trainable_variables)
     optimizer.apply_gradients(zip(grads, model.trainable_variables))

@@ -64,6 +64,10 @@ class Config:
   # Weight of the Lovasz-softmax term (losses.lovasz_softmax, a direct IoU surrogate) added to
   # the pixel loss in training; 0 = off. Reported train loss includes it, val loss does not.
   lovasz_weight: float = 0.0
+  # Weight of a soft Dice term (losses.soft_dice: batch Dice over the classes present, the
+  # overlap surrogate nnU-Net adds to cross-entropy; a softmax and a few sums, no sort) added
+  # the same way; 0 = off.
+  dice_weight: float = 0.0
   # Inference adds -logit_adjustment * log(class weight) to the logits before the argmax
   # (validation, metrics, TensorBoard overlays, the export). Class-weighted training shifts the
   # model's scores by about +log(weight) per class (Menon et al. 2021, "Long-tail learning via
@@ -192,6 +196,7 @@ def validate(config: Config) -> None:
                                   config.early_stopping_patience >= 1),
       'early_stopping_min_delta': 0 <= config.early_stopping_min_delta < 1,
       'lovasz_weight': config.lovasz_weight >= 0,
+      'dice_weight': config.dice_weight >= 0,
       'logit_adjustment': 0 <= config.logit_adjustment <= 1,
       'calibration_split': config.calibration_split is None or bool(config.calibration_split),
   }
