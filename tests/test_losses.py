@@ -283,3 +283,31 @@ def test_soft_dice_is_small_when_certain_and_right_and_zero_without_valid_pixels
   grad = tape.gradient(loss, logits)
   assert float(loss) == 0.0
   assert grad is None or not np.any(grad.numpy())
+
+
+def test_cross_entropy_matches_tensorflow_kernel_in_value_and_gradient():
+  rng = np.random.default_rng(5)
+  labels = rng.integers(0, 6, (2, 5, 7))
+  logits = tf.Variable(rng.normal(size=(2, 5, 7, 6)).astype(np.float32) * 4)
+  with tf.GradientTape(persistent=True) as tape:
+    ours, _ = losses.pixel_loss_sum(labels, logits)
+    reference = tf.reduce_sum(
+        tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits))
+  assert float(ours) == pytest.approx(float(reference), rel=1e-5)
+  np.testing.assert_allclose(tape.gradient(ours, logits).numpy(),
+                             tape.gradient(reference, logits).numpy(), atol=1e-6)
+
+
+@pytest.mark.parametrize('loss', ['ce', 'focal', 'lovasz', 'dice'])
+def test_losses_agree_on_logits_and_shared_log_probabilities(loss):
+  rng = np.random.default_rng(6)
+  labels = rng.integers(0, 5, (2, 6, 4))
+  labels[1, :2] = 255
+  logits = (rng.normal(size=(2, 6, 4, 5)) * 3).astype(np.float32)
+  weights = np.array([0.5, 1.0, 2.0, 3.0, 1.5], np.float32)
+  fn = {'ce': lambda l, g, **k: losses.pixel_loss_sum(l, g, class_weights=weights, **k)[0],
+        'focal': lambda l, g, **k: losses.pixel_loss_sum(l, g, loss_type='focal', **k)[0],
+        'lovasz': losses.lovasz_softmax, 'dice': losses.soft_dice}[loss]
+  shared = fn(labels, losses.log_probabilities(logits), normalized=True)
+  assert float(shared) == pytest.approx(float(fn(labels, logits)), rel=1e-5)
+  assert float(shared) > 0

@@ -29,13 +29,19 @@ def _valid(labels: tf.Tensor, ignore_label: int, num_classes: tf.Tensor) -> tf.T
                         tf.logical_and(labels >= 0, labels < num_classes))
 
 
+def log_probabilities(logits) -> tf.Tensor:
+  """log_softmax of `logits` in float32: what every loss here starts from (see `normalized`)."""
+  return tf.nn.log_softmax(tf.cast(logits, tf.float32))
+
+
 def pixel_loss_sum(labels,
                    logits,
                    class_weights=None,
                    ignore_label: int = 255,
                    loss_type: str = 'ce',
                    focal_gamma: float = 2.0,
-                   sample_weight=None) -> tuple[tf.Tensor, tf.Tensor]:
+                   sample_weight=None,
+                   normalized: bool = False) -> tuple[tf.Tensor, tf.Tensor]:
   """Computes the weighted per-pixel loss sum and the weight sum over valid pixels.
 
   Args:
@@ -49,6 +55,8 @@ def pixel_loss_sum(labels,
     focal_gamma: Focusing parameter of the focal loss.
     sample_weight: None or a float [B] per-example weight multiplying its pixels' weights
       (e.g. 0 for examples that only pad a final evaluation batch).
+    normalized: `logits` are already log-probabilities (`log_probabilities`), so one
+      log-softmax can serve this and the Dice or Lovasz term.
 
   Returns:
     (loss_sum, weight_sum) float32 scalars: sum of weight * loss and sum of weight over all
@@ -59,8 +67,8 @@ def pixel_loss_sum(labels,
   """
   if loss_type not in LOSS_TYPES:
     raise ValueError(f'loss_type must be one of {LOSS_TYPES}, got {loss_type!r}')
-  logits = tf.cast(logits, tf.float32)
-  num_classes = tf.shape(logits)[-1]
+  log_probs = logits if normalized else log_probabilities(logits)
+  num_classes = tf.shape(log_probs)[-1]
   labels = tf.cast(labels, tf.int32)
 
   valid = _valid(labels, ignore_label, num_classes)
@@ -68,7 +76,12 @@ def pixel_loss_sum(labels,
   # and their loss is masked out with tf.where, so the stand-in class never matters.
   safe_labels = tf.where(valid, labels, tf.zeros_like(labels))
 
-  ce = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=safe_labels, logits=logits)
+  # -log p(label) by a gather from the log-softmax rather than TensorFlow's fused sparse
+  # cross-entropy kernel, which would compute a softmax of its own: the train step shares one
+  # log-softmax with the Dice or Lovasz term. No slower alone (benchmarks/bench_losses.py).
+  ce = -tf.reshape(
+      tf.gather(tf.reshape(log_probs, [-1, num_classes]), tf.reshape(safe_labels, [-1, 1]),
+                batch_dims=1), tf.shape(labels))
   if loss_type == 'focal':
     # CE = -log p_t, so 1 - p_t = -expm1(-CE), accurate even when p_t is close to 1. The floor
     # keeps the gradient of x**gamma finite at x = 0 when gamma < 1 (NaN otherwise, even at void
@@ -109,7 +122,7 @@ def mean_pixel_loss(labels, logits, epsilon: float = 1e-8, **kwargs) -> tf.Tenso
   return loss_sum / tf.maximum(weight_sum, epsilon)
 
 
-def lovasz_softmax(labels, logits, ignore_label: int = 255) -> tf.Tensor:
+def lovasz_softmax(labels, logits, ignore_label: int = 255, normalized: bool = False) -> tf.Tensor:
   """Lovasz-softmax loss of one batch: the mean over classes present in it (Berman et al. 2018).
 
   Per class c, with e_i = |[label_i = c] - p_i(c)| the errors of the valid pixels sorted in
@@ -122,16 +135,17 @@ def lovasz_softmax(labels, logits, ignore_label: int = 255) -> tf.Tensor:
     labels: Integer class indices [B, H, W]; `ignore_label` or any label outside [0, C) is void.
     logits: Unnormalised scores [B, H, W, C]; cast to float32 first.
     ignore_label: Label value marking void pixels.
+    normalized: `logits` are already log-probabilities (see `pixel_loss_sum`).
 
   Returns:
     float32 scalar; 0 for a batch with no valid pixel.
   """
-  logits = tf.cast(logits, tf.float32)
-  num_classes = tf.shape(logits)[-1]
+  log_probs = logits if normalized else log_probabilities(logits)
+  num_classes = tf.shape(log_probs)[-1]
   labels = tf.reshape(tf.cast(labels, tf.int32), [-1])
   valid = _valid(labels, ignore_label, num_classes)
   labels = tf.boolean_mask(labels, valid)
-  probs = tf.boolean_mask(tf.reshape(tf.nn.softmax(logits), [-1, num_classes]), valid)
+  probs = tf.boolean_mask(tf.exp(tf.reshape(log_probs, [-1, num_classes])), valid)
   # [C, P]: one row of ground truth and errors per class.
   truth = tf.transpose(tf.one_hot(labels, num_classes, dtype=tf.float32))
   errors = tf.abs(truth - tf.transpose(probs))
@@ -148,7 +162,8 @@ def lovasz_softmax(labels, logits, ignore_label: int = 255) -> tf.Tensor:
   return tf.reduce_sum(per_class * present) / tf.maximum(tf.reduce_sum(present), 1.0)
 
 
-def soft_dice(labels, logits, ignore_label: int = 255, smooth: float = 1.0) -> tf.Tensor:
+def soft_dice(labels, logits, ignore_label: int = 255, smooth: float = 1.0,
+              normalized: bool = False) -> tf.Tensor:
   """Soft Dice loss of one batch: 1 - the mean soft Dice over classes present in it.
 
   Per class c over the batch's valid pixels (batch Dice, as in nnU-Net, so a class with a few
@@ -163,21 +178,25 @@ def soft_dice(labels, logits, ignore_label: int = 255, smooth: float = 1.0) -> t
     logits: Unnormalised scores [B, H, W, C]; cast to float32 first.
     ignore_label: Label value marking void pixels.
     smooth: Added to numerator and denominator; keeps the ratio defined and its gradient tame.
+    normalized: `logits` are already log-probabilities (see `pixel_loss_sum`).
 
   Returns:
     float32 scalar in [0, 1); 0 for a batch with no valid pixel.
   """
-  logits = tf.cast(logits, tf.float32)
-  num_classes = tf.shape(logits)[-1]
+  log_probs = logits if normalized else log_probabilities(logits)
+  num_classes = tf.shape(log_probs)[-1]
   labels = tf.reshape(tf.cast(labels, tf.int32), [-1])
   valid = _valid(labels, ignore_label, num_classes)
-  probs = tf.reshape(tf.nn.softmax(logits), [-1, num_classes])
-  # one_hot of an out-of-range label (void) is all zeros; the mask removes void's probabilities.
-  truth = tf.one_hot(tf.where(valid, labels, -1), num_classes, dtype=tf.float32)
-  probs *= tf.cast(valid, tf.float32)[:, None]
-  intersection = tf.reduce_sum(probs * truth, axis=0)
-  positives = tf.reduce_sum(truth, axis=0)
-  dice = (2.0 * intersection + smooth) / (tf.reduce_sum(probs, axis=0) + positives + smooth)
+  mask = tf.cast(valid, tf.float32)
+  safe_labels = tf.where(valid, labels, 0)  # Void's stand-in class is masked out below.
+  probs = tf.exp(tf.reshape(log_probs, [-1, num_classes]))
+  # Per-class sums by gathers and segment sums rather than a one-hot [P, C] product: fewer
+  # passes over the largest tensor of the step.
+  p_true = tf.gather(probs, safe_labels[:, None], batch_dims=1)[:, 0] * mask
+  intersection = tf.math.unsorted_segment_sum(p_true, safe_labels, num_classes)
+  positives = tf.math.unsorted_segment_sum(mask, safe_labels, num_classes)
+  predicted = tf.linalg.matvec(probs, mask, transpose_a=True)
+  dice = (2.0 * intersection + smooth) / (predicted + positives + smooth)
   present = tf.cast(positives > 0, tf.float32)
   num_present = tf.reduce_sum(present)
   mean_dice = tf.reduce_sum(dice * present) / tf.maximum(num_present, 1.0)

@@ -136,7 +136,10 @@ def make_steps(model, optimizer, strategy, config, num_classes, class_weights,
   def train_step(batch):
     with tf.GradientTape() as tape:
       logits = model(batch['image'], training=True)
-      loss_sum, weight_sum = losses.pixel_loss_sum(batch['mask'], logits, **loss_kw)
+      # One log-softmax shared by the pixel loss and the set-level terms below.
+      log_probs = losses.log_probabilities(logits)
+      loss_sum, weight_sum = losses.pixel_loss_sum(batch['mask'], log_probs, normalized=True,
+                                                   **loss_kw)
       # The exact global weighted mean: gradients are summed over replicas by the optimizer.
       context = tf.distribute.get_replica_context()
       global_weight = context.all_reduce('sum', weight_sum)
@@ -147,7 +150,7 @@ def make_steps(model, optimizer, strategy, config, num_classes, class_weights,
       for weight, term in ((config.lovasz_weight, losses.lovasz_softmax),
                            (config.dice_weight, losses.soft_dice)):
         if weight:
-          extra = weight * term(batch['mask'], logits)
+          extra = weight * term(batch['mask'], log_probs, normalized=True)
           loss += extra / context.num_replicas_in_sync
           loss_sum += extra * weight_sum
       scaled = optimizer.scale_loss(loss) if scale_loss else loss
