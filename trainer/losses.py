@@ -78,7 +78,8 @@ def pixel_loss_sum(labels,
 
   # -log p(label) by a gather from the log-softmax rather than TensorFlow's fused sparse
   # cross-entropy kernel, which would compute a softmax of its own: the train step shares one
-  # log-softmax with the Dice or Lovasz term. No slower alone (benchmarks/bench_losses.py).
+  # log-softmax with the Dice or Lovasz term. Faster alone too: 10-11 against 16 ms forward
+  # and backward at small's 4x192x192x11 on this CPU (benchmarks/bench_losses.py).
   ce = -tf.reshape(
       tf.gather(tf.reshape(log_probs, [-1, num_classes]), tf.reshape(safe_labels, [-1, 1]),
                 batch_dims=1), tf.shape(labels))
