@@ -31,7 +31,9 @@ def small() -> Config:
   No random scaling (crops of the 288x384 frame, flips only) against scale 0.9-1.25 on the
   first four seeds (B2-B5: 0.6376, 0.6379, 0.6188, 0.6147): ahead on three, by 1.3 points on
   average (the rule fixed before the fourth pair ran: adopt at a mean lead above 0.5). Focal
-  loss on top trailed at mid-training on two seeds and was stopped (F1, F2); batch 2 (E1) too.
+  loss on top trailed at mid-training on two seeds and was stopped (F1, F2); batch 2 (E1) and
+  median-frequency weights (I1, I2) too. Paired with D1 and D2 (seeds 42, 7), a soft Dice term
+  (H1, H2: dice_weight 1.0) averaged 0.9 points lower and a 256x352 input (J1, J2) 1.9 lower.
   Best checkpoint, flip averaging, logit adjustment 0.5, then per-class offsets fitted on the
   train split (calibration_split; +0.0 to +2.7 mIoU points, every one of 16 runs up).
   Less augmentation before that (scale 0.9-1.25, no colour jitter) against scale 0.75-1.5
