@@ -123,6 +123,12 @@ def mean_pixel_loss(labels, logits, epsilon: float = 1e-8, **kwargs) -> tf.Tenso
   return loss_sum / tf.maximum(weight_sum, epsilon)
 
 
+def _mean_over_present(per_class: tf.Tensor, positives: tf.Tensor) -> tf.Tensor:
+  """Mean of a per-class loss over the classes with labelled pixels; 0 if there are none."""
+  present = tf.cast(positives > 0, tf.float32)
+  return tf.reduce_sum(per_class * present) / tf.maximum(tf.reduce_sum(present), 1.0)
+
+
 def lovasz_softmax(labels, logits, ignore_label: int = 255, normalized: bool = False) -> tf.Tensor:
   """Lovasz-softmax loss of one batch: the mean over classes present in it (Berman et al. 2018).
 
@@ -158,9 +164,7 @@ def lovasz_softmax(labels, logits, ignore_label: int = 255, normalized: bool = F
   union = positives + tf.cumsum(1.0 - truth, axis=1)
   jaccard = 1.0 - intersection / union  # union >= 1 from the first pixel on.
   grad = tf.concat([jaccard[:, :1], jaccard[:, 1:] - jaccard[:, :-1]], axis=1)
-  per_class = tf.reduce_sum(errors * grad, axis=1)
-  present = tf.cast(positives[:, 0] > 0, tf.float32)
-  return tf.reduce_sum(per_class * present) / tf.maximum(tf.reduce_sum(present), 1.0)
+  return _mean_over_present(tf.reduce_sum(errors * grad, axis=1), positives[:, 0])
 
 
 def soft_dice(labels, logits, ignore_label: int = 255, smooth: float = 1.0,
@@ -198,10 +202,7 @@ def soft_dice(labels, logits, ignore_label: int = 255, smooth: float = 1.0,
   positives = tf.math.unsorted_segment_sum(mask, safe_labels, num_classes)
   predicted = tf.linalg.matvec(probs, mask, transpose_a=True)
   dice = (2.0 * intersection + smooth) / (predicted + positives + smooth)
-  present = tf.cast(positives > 0, tf.float32)
-  num_present = tf.reduce_sum(present)
-  mean_dice = tf.reduce_sum(dice * present) / tf.maximum(num_present, 1.0)
-  return tf.where(num_present > 0, 1.0 - mean_dice, 0.0)
+  return _mean_over_present(1.0 - dice, positives)
 
 
 def class_weights_from_counts(pixel_counts: Sequence[float] | np.ndarray,
