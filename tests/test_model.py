@@ -178,7 +178,45 @@ def test_stem_stride_2_runs_the_same_unet_at_half_resolution():
   np.testing.assert_allclose(fine[9, 9], expected, atol=1e-5)
 
 
-@pytest.mark.parametrize('kwargs', [{'stem_stride': 3}, {'stem_stride': 2, 'image_size': (36, 48)}])
+def test_residual_adds_each_levels_first_block_to_its_second():
+  plain = model_lib.build_unet(NUM_CLASSES, image_size=(32, 32), base_filters=4, depth=2)
+  residual = model_lib.build_unet(NUM_CLASSES, image_size=(32, 32), base_filters=4, depth=2,
+                                  residual=True)
+  assert residual.count_params() == plain.count_params()  # An add has no weights.
+  residual.set_weights(plain.get_weights())
+  # enc1's second ReLU reads bn2 + relu1 (the first block's output) instead of bn2 alone.
+  x = np.random.default_rng(0).random((1, 32, 32, 3), np.float32)
+  names = ('enc1_relu1', 'enc1_bn2', 'enc1_relu2')
+  first, bn2, out = keras.Model(residual.input, [residual.get_layer(n).output for n in names])(x)
+  np.testing.assert_allclose(out, np.maximum(np.asarray(first) + np.asarray(bn2), 0), atol=1e-6)
+  assert not np.allclose(residual(x, training=False), plain(x, training=False))
+  for level in ('enc1', 'enc2', 'bottleneck', 'dec1', 'dec2'):
+    assert residual.get_layer(f'{level}_add2') is not None
+
+
+def test_refinement_starts_as_plain_upsampling_and_sees_the_image():
+  kwargs = {'image_size': (32, 48), 'base_filters': 4, 'depth': 2, 'stem_stride': 2}
+  stem = model_lib.build_unet(NUM_CLASSES, **kwargs)
+  refined = model_lib.build_unet(NUM_CLASSES, refine_filters=3, **kwargs)
+  # conv (NUM_CLASSES + 3 -> 3) and conv (3 -> NUM_CLASSES), 3x3, with biases.
+  assert refined.count_params() == (stem.count_params() + 9 * (NUM_CLASSES + 3) * 3 + 3
+                                    + 9 * 3 * NUM_CLASSES + NUM_CLASSES)
+  for layer in stem.layers:
+    refined.get_layer(layer.name).set_weights(layer.get_weights())
+  images = np.random.default_rng(2).random((2, 32, 48, 3), np.float32)
+  # The correction's kernel starts at zero: the same logits as the plain stem model.
+  np.testing.assert_allclose(refined(images), stem(images), atol=1e-6)
+  assert refined.output.dtype == 'float32'
+  # It reads the upsampled logits and the image at full resolution; once trained away from
+  # zero, it changes them.
+  assert tuple(refined.get_layer('refine_concat').output.shape) == (None, 32, 48, NUM_CLASSES + 3)
+  conv = refined.get_layer('refine_logits')
+  conv.set_weights([np.full_like(w, 0.1) for w in conv.get_weights()])
+  assert not np.allclose(refined(images), stem(images), atol=1e-3)
+
+
+@pytest.mark.parametrize('kwargs', [{'stem_stride': 3}, {'stem_stride': 2, 'image_size': (36, 48)},
+                                    {'refine_filters': 8}, {'stem_stride': 2, 'refine_filters': -1}])
 def test_bad_stem_stride_or_size_raises(kwargs):
   with pytest.raises(ValueError, match='stem_stride'):
     model_lib.build_unet(NUM_CLASSES, **({'image_size': (32, 32), 'depth': 2} | kwargs))

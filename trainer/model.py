@@ -22,18 +22,29 @@ import keras
 
 
 def _conv_bn_relu(x, filters: int, prefix: str, index: int, sync_batchnorm: bool,
-                  bn_momentum: float, strides: int = 1):
+                  bn_momentum: float, strides: int = 1, shortcut=None):
   """Applies one 3x3 'same' convolution (stride `strides`), batch normalisation and ReLU.
 
   The convolution keeps its bias (the Keras default) because the seed notebook did; the
   parameter count and checkpoints therefore match it exactly, even though BN makes the bias
-  redundant.
+  redundant. A `shortcut` tensor (same shape as the output) is added before the ReLU: a
+  residual block.
   """
   x = keras.layers.Conv2D(filters, 3, strides=strides, padding='same',
                           name=f'{prefix}_conv{index}')(x)
   x = keras.layers.BatchNormalization(
       momentum=bn_momentum, synchronized=sync_batchnorm, name=f'{prefix}_bn{index}')(x)
+  if shortcut is not None:
+    x = keras.layers.Add(name=f'{prefix}_add{index}')([shortcut, x])
   return keras.layers.ReLU(name=f'{prefix}_relu{index}')(x)
+
+
+def _level(x, filters: int, prefix: str, sync_batchnorm: bool, bn_momentum: float,
+           residual: bool):
+  """Two conv-BN-ReLU blocks; with `residual` the second adds the first's output (He et al.)."""
+  x = _conv_bn_relu(x, filters, prefix, 1, sync_batchnorm, bn_momentum)
+  return _conv_bn_relu(x, filters, prefix, 2, sync_batchnorm, bn_momentum,
+                       shortcut=x if residual else None)
 
 
 def build_unet(num_classes: int,
@@ -45,7 +56,9 @@ def build_unet(num_classes: int,
                sync_batchnorm: bool = False,
                any_size: bool = False,
                bn_momentum: float = 0.99,
-               stem_stride: int = 1) -> keras.Model:
+               stem_stride: int = 1,
+               residual: bool = False,
+               refine_filters: int = 0) -> keras.Model:
   """Builds a U-Net that maps [0, 1]-scaled RGB images to per-pixel class logits.
 
   Args:
@@ -67,6 +80,11 @@ def build_unet(num_classes: int,
     stem_stride: 1 = the notebook's U-Net. 2 = a stride-2 3x3 conv-BN-ReLU stem with
       base_filters filters runs the U-Net at half resolution; its logits are upsampled
       bilinearly to the input size.
+    residual: Make every level's second conv block residual (its input added before the ReLU;
+      no extra parameters).
+    refine_filters: With the stem, > 0 adds a full-resolution refinement of the upsampled
+      logits: a 3x3 conv-ReLU with this many filters over [logits, image], then a 3x3 conv to a
+      logit correction (zero-initialised, so training starts from plain upsampling). 0 = off.
 
   Returns:
     An uncompiled `keras.Model` with input [None, H, W, 3] and float32 logits
@@ -81,6 +99,9 @@ def build_unet(num_classes: int,
     raise ValueError(f'stem_stride must be 1 or 2, got {stem_stride}')
   if depth < 1:
     raise ValueError(f'depth must be >= 1, got {depth}')
+  if refine_filters < 0 or (refine_filters and stem_stride == 1):
+    raise ValueError(f'refine_filters must be >= 0 and needs stem_stride 2, got '
+                     f'{refine_filters} with stem_stride {stem_stride}')
   if base_filters < 1:
     raise ValueError(f'base_filters must be >= 1, got {base_filters}')
   if not 0.0 <= dropout < 1.0:
@@ -103,16 +124,14 @@ def build_unet(num_classes: int,
   for level in range(1, depth + 1):
     filters = base_filters * 2**(level - 1)
     prefix = f'enc{level}'
-    x = _conv_bn_relu(x, filters, prefix, 1, sync_batchnorm, bn_momentum)
-    x = _conv_bn_relu(x, filters, prefix, 2, sync_batchnorm, bn_momentum)
+    x = _level(x, filters, prefix, sync_batchnorm, bn_momentum, residual)
     skips.append(x)
     x = keras.layers.MaxPooling2D(2, name=f'{prefix}_pool')(x)
   if dropout > 0:
     x = keras.layers.Dropout(dropout, name=f'enc{depth}_dropout')(x)
 
   bottleneck_filters = base_filters * 2**depth
-  x = _conv_bn_relu(x, bottleneck_filters, 'bottleneck', 1, sync_batchnorm, bn_momentum)
-  x = _conv_bn_relu(x, bottleneck_filters, 'bottleneck', 2, sync_batchnorm, bn_momentum)
+  x = _level(x, bottleneck_filters, 'bottleneck', sync_batchnorm, bn_momentum, residual)
   if dropout > 0:
     x = keras.layers.Dropout(dropout, name='bottleneck_dropout')(x)
 
@@ -123,8 +142,7 @@ def build_unet(num_classes: int,
     x = keras.layers.Conv2DTranspose(
         filters, 3, strides=2, padding='same', name=f'{prefix}_up')(x)
     x = keras.layers.Concatenate(name=f'{prefix}_concat')([x, skips[depth - level]])
-    x = _conv_bn_relu(x, filters, prefix, 1, sync_batchnorm, bn_momentum)
-    x = _conv_bn_relu(x, filters, prefix, 2, sync_batchnorm, bn_momentum)
+    x = _level(x, filters, prefix, sync_batchnorm, bn_momentum, residual)
     # The seed notebook regularises every decoder level except the one feeding the head.
     if dropout > 0 and level < depth:
       x = keras.layers.Dropout(dropout, name=f'{prefix}_dropout')(x)
@@ -136,6 +154,15 @@ def build_unet(num_classes: int,
   if stem_stride > 1:
     logits = keras.layers.UpSampling2D(stem_stride, interpolation='bilinear', dtype='float32',
                                        name='logits_upsample')(logits)
+    if refine_filters:
+      # Thin objects (poles, signs) are one or two pixels wide at the stem's resolution; this
+      # lets the image's own edges sharpen the upsampled scores at little cost (few channels).
+      r = keras.layers.Concatenate(dtype='float32', name='refine_concat')([logits, inputs])
+      r = keras.layers.Conv2D(refine_filters, 3, padding='same', activation='relu',
+                              dtype='float32', name='refine_conv')(r)
+      r = keras.layers.Conv2D(num_classes, 3, padding='same', kernel_initializer='zeros',
+                              dtype='float32', name='refine_logits')(r)
+      logits = keras.layers.Add(dtype='float32', name='refine_add')([logits, r])
   return keras.Model(inputs, logits, name=name)
 
 

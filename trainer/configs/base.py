@@ -19,6 +19,9 @@ class Config:
   dropout: float = 0.5
   # 1 = the notebook's U-Net; 2 = a stride-2 stem runs it at half resolution (model.py says why).
   stem_stride: int = 1
+  residual: bool = False  # Residual second conv block in every level (model.py).
+  # With the stem: filters of a full-resolution refinement of the upsampled logits; 0 = off.
+  refine_filters: int = 0
   # Batch statistics over the global batch: multi-replica runs then train the same model as one
   # device with the global batch, and every replica holds the same moving statistics (so the
   # distributed evaluation and the exported model agree). Costs one all-reduce per BN layer.
@@ -197,6 +200,8 @@ def validate(config: Config) -> None:
       'early_stopping_min_delta': 0 <= config.early_stopping_min_delta < 1,
       'lovasz_weight': config.lovasz_weight >= 0,
       'dice_weight': config.dice_weight >= 0,
+      'refine_filters': config.refine_filters == 0 or (config.refine_filters > 0 and
+                                                       config.stem_stride == 2),
       'logit_adjustment': 0 <= config.logit_adjustment <= 1,
       'calibration_split': config.calibration_split is None or bool(config.calibration_split),
   }
