@@ -14,6 +14,9 @@ logits back to the input size. On a CPU the full-resolution level (few channels 
 pixels) is memory-bound and costs about two thirds of a training step; the stem removes it, so
 the same filters and parameters train ~3x faster per image (benchmarks/bench_stem.py), or see a
 larger input at the cost of the old one.
+
+`residual` and `refine_filters` are measured alternatives, off in every preset: on CamVid
+neither beat the plain `small` U-Net (README, "Quality on real CamVid", Architecture).
 """
 
 from collections.abc import Sequence
