@@ -204,6 +204,21 @@ def validate(config: Config) -> None:
                                                        config.stem_stride == 2),
       'logit_adjustment': 0 <= config.logit_adjustment <= 1,
       'calibration_split': config.calibration_split is None or bool(config.calibration_split),
+      'weight_decay': config.weight_decay >= 0,
+      'focal_gamma': config.focal_gamma >= 0,
+      'max_class_weight': config.max_class_weight is None or config.max_class_weight > 0,
+      'clipnorm': config.clipnorm is None or config.clipnorm > 0,
+      'base_batch_size': config.base_batch_size >= 1,
+      'eval_batch_size': config.eval_batch_size is None or config.eval_batch_size >= 1,
+      'shuffle_buffer': config.shuffle_buffer >= 1,
+      'cache_decoded_mb': config.cache_decoded_mb >= 0,
+      # Contrast and saturation factors are 1 +/- the value: above 1 a factor could turn
+      # negative and invert the image.
+      'brightness': 0 <= config.brightness <= 1, 'contrast': 0 <= config.contrast <= 1,
+      'saturation': 0 <= config.saturation <= 1,
+      'num_summary_images': config.num_summary_images >= 0,
+      'profile_steps': (config.profile_steps is None or
+                        0 <= config.profile_steps[0] <= config.profile_steps[1]),
   }
   for name, ok in checks.items():
     if not ok:

@@ -1,0 +1,50 @@
+"""Config tier: every preset is valid, and every out-of-range value is refused by name.
+
+`configs.validate` runs before anything is written, so a value the trainer cannot use must fail
+there as one `field: value ...` line (tests/test_task.py checks the command-line path) instead
+of as a traceback or a silent misbehaviour minutes into a run.
+"""
+
+import pytest
+
+from trainer import configs
+
+
+@pytest.mark.parametrize('name', sorted(configs.PRESETS))
+def test_every_preset_validates(name):
+  configs.validate(configs.get_config(name))
+
+
+@pytest.mark.parametrize('field, value', [
+    ('batch_size', 0), ('epochs', 0), ('learning_rate', 0.0), ('dropout', 1.0),
+    ('scale_min', 2.0),  # Above scale_max.
+    ('refine_filters', 4),  # Needs the stem: tried on a stem_stride 1 config below.
+    ('weight_decay', -1e-4), ('focal_gamma', -1.0), ('max_class_weight', 0.0),
+    ('clipnorm', 0.0), ('base_batch_size', 0), ('eval_batch_size', 0), ('shuffle_buffer', 0),
+    ('cache_decoded_mb', -1), ('brightness', -0.1), ('contrast', 1.5), ('saturation', 2.0),
+    ('num_summary_images', -1), ('profile_steps', (5, 2)), ('profile_steps', (-1, 2)),
+    ('logit_adjustment', 1.5), ('calibration_split', ''),
+])
+def test_out_of_range_values_are_refused_by_name(field, value):
+  config = configs.get_config('small')
+  if field == 'refine_filters':
+    config = config.replace(stem_stride=1, image_size=(256, 256), crop_size=(128, 128))
+  with pytest.raises(ValueError, match=f'^{field}: .* is out of range$'):
+    configs.validate(config.replace(**{field: value}))
+
+
+@pytest.mark.parametrize('field, value', [
+    ('weight_decay', 0.0), ('focal_gamma', 0.0), ('max_class_weight', 10.0), ('clipnorm', 1.0),
+    ('eval_batch_size', 1), ('cache_decoded_mb', 0), ('brightness', 1.0), ('contrast', 0.0),
+    ('num_summary_images', 0), ('profile_steps', (0, 0)), ('profile_steps', (3, 9)),
+])
+def test_boundary_values_are_accepted(field, value):
+  configs.validate(configs.get_config('small').replace(**{field: value}))
+
+
+def test_wrong_types_and_unknown_keys_name_the_source():
+  small = configs.get_config('small')
+  with pytest.raises(ValueError, match=r'^hp\.json: weight_decay: expected float, got .abc.$'):
+    configs.override(small, {'weight_decay': 'abc'}, 'hp.json')
+  with pytest.raises(ValueError, match=r'^hp\.json: unknown keys wieght_decay '):
+    configs.override(small, {'wieght_decay': 0.1}, 'hp.json')
