@@ -64,6 +64,18 @@ def test_smoke_run_end_to_end_then_evaluate(smoke_data, tmp_path):
   assert 'epoch 1/2' not in proc.stdout and 'resumed from' in proc.stdout
   assert [row['epoch'] for row in _history(model_dir)] == ['0', '1']
 
+  # Rerunning with settings that would train something else is refused, and the record of how
+  # the checkpoint was trained stays as it was.
+  recorded = (model_dir / 'config.json').read_text()
+  proc = run_module('trainer.task', *SMOKE, '--data_dir', smoke_data, '--model_dir', model_dir,
+                    '--learning_rate', '0.5', '--image_size', '64x64', '--epochs', '3')
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  errors = [line for line in proc.stderr.splitlines() if line.startswith('error:')]
+  assert len(errors) == 1 and 'Traceback' not in proc.stderr, proc.stderr[-2000:]
+  assert (f'{model_dir}/config.json: the checkpoint to resume was trained with other settings '
+          '(image_size 32x32 -> 64x64, learning_rate 0.01 -> 0.5)') in errors[0]
+  assert (model_dir / 'config.json').read_text() == recorded
+
 
 def _start(smoke_data, model_dir, *extra):
   return subprocess.Popen(

@@ -46,6 +46,14 @@ from trainer.errors import ConfigError
 
 CONFIG_NAME = 'config.json'
 METRICS_NAME = 'metrics.json'
+# Fields a resumed run may change: how it runs, how long, and how it predicts, but not what the
+# checkpoint learned from (model, data, optimiser, loss, seed). `epochs` extends a run.
+RESUMABLE_CHANGES = frozenset({
+    'epochs', 'strategy', 'mixed_precision', 'peer_timeout_seconds', 'jit_compile',
+    'steps_per_loop', 'backup_every_steps', 'num_summary_images', 'profile_steps',
+    'cache_decoded_mb', 'shuffle_buffer', 'eval_batch_size', 'eval_every_epochs',
+    'early_stopping_patience', 'early_stopping_min_delta', 'eval_flip', 'logit_adjustment',
+    'calibration_split'})
 
 
 class Preempted(Exception):
@@ -262,6 +270,26 @@ def load_config(model_dir: str) -> configs.Config:
                           {k: v for k, v in values.items() if k in configs.FIELDS}, path)
 
 
+def check_resumable(model_dir: str, config: configs.Config) -> None:
+  """Refuses to resume model_dir's checkpoint under a config that trains something else.
+
+  Without this a rerun with other settings would silently continue the old weights and then
+  overwrite config.json, which would no longer say how the reported model was trained.
+  """
+  recorded = load_config(model_dir)
+  changed = [f'{name} {_show(getattr(recorded, name))} -> {_show(getattr(config, name))}'
+             for name in configs.FIELDS
+             if name not in RESUMABLE_CHANGES and getattr(recorded, name) != getattr(config, name)]
+  if changed:
+    raise ConfigError(f'{model_dir}/{CONFIG_NAME}: the checkpoint to resume was trained with '
+                      f'other settings ({", ".join(changed)}); rerun with the same settings to '
+                      'resume it, or use a new --model_dir')
+
+
+def _show(value) -> str:
+  return 'x'.join(map(str, value)) if isinstance(value, tuple) else str(value)
+
+
 def _write_json(path: str, value) -> None:
   write_atomic(path, json.dumps(value, indent=2) + '\n')
 
@@ -312,6 +340,12 @@ def run(config: configs.Config, data_dir: str, model_dir: str, *,
       f'{config.batch_size // runtime.num_replicas}; learning rate {peak_learning_rate(config):g}'
       f' (scaling: {config.lr_scaling}); {steps_per_epoch} steps/epoch, {config.epochs} epochs')
 
+  checkpoint_root = (checkpoint_dir or model_dir).rstrip('/')
+  ckpt_dir, best_dir = f'{checkpoint_root}/checkpoints', f'{checkpoint_root}/best'
+  latest = tf.train.latest_checkpoint(ckpt_dir)
+  if latest and tf.io.gfile.exists(f'{model_dir}/{CONFIG_NAME}'):
+    check_resumable(model_dir, config)
+
   resolved = dataclasses.asdict(config) | {'resolved_precision': runtime.precision,
                                            'strategy_used': runtime.kind,
                                            'num_replicas': runtime.num_replicas,
@@ -339,10 +373,7 @@ def run(config: configs.Config, data_dir: str, model_dir: str, *,
   checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, epoch=epoch_var,
                                    step_in_epoch=step_in_epoch, best_miou=best_miou,
                                    best_epoch=best_epoch, stopped_early=stopped)
-  checkpoint_root = (checkpoint_dir or model_dir).rstrip('/')
-  ckpt_dir, best_dir = f'{checkpoint_root}/checkpoints', f'{checkpoint_root}/best'
   log_dir = (log_dir or f'{model_dir}/logs').rstrip('/')
-  latest = tf.train.latest_checkpoint(ckpt_dir)
   if latest:
     checkpoint.restore(latest).assert_existing_objects_matched()
     log(f'resumed from {latest}: epoch {int(epoch_var)}, step {int(step_in_epoch)} of it')
