@@ -55,7 +55,7 @@ class Config:
   learning_rate: float = 1e-3
   lr_scaling: str = 'none'  # none | linear: learning_rate * batch_size / base_batch_size
   base_batch_size: int = 8
-  weight_decay: float = 1e-4
+  weight_decay: float = 1e-4  # AdamW's decoupled decay (times the lr); adam and sgd have none.
   lr_schedule: str = 'cosine'  # cosine | constant
   warmup_epochs: float = 1.0
   clipnorm: float | None = None
