@@ -17,6 +17,7 @@ def test_every_preset_validates(name):
 
 @pytest.mark.parametrize('field, value', [
     ('batch_size', 0), ('epochs', 0), ('learning_rate', 0.0), ('dropout', 1.0),
+    ('bottleneck_filters', 0),
     ('scale_min', 2.0),  # Above scale_max.
     ('refine_filters', 4),  # Needs the stem: tried on a stem_stride 1 config below.
     ('weight_decay', -1e-4), ('focal_gamma', -1.0), ('max_class_weight', 0.0),

@@ -215,6 +215,20 @@ def test_refinement_starts_as_plain_upsampling_and_sees_the_image():
   assert not np.allclose(refined(images), stem(images), atol=1e-3)
 
 
+def test_bottleneck_filters_widen_only_the_bottleneck():
+  plain = model_lib.build_unet(NUM_CLASSES, image_size=(32, 32), base_filters=4, depth=2)
+  wide = model_lib.build_unet(NUM_CLASSES, image_size=(32, 32), base_filters=4, depth=2,
+                              bottleneck_filters=24)
+  # Per bottleneck width b: conv 8 -> b (9*8*b + b), conv b -> b (9*b*b + b), two BatchNorms
+  # (4*b each) and dec1's transposed conv b -> 8 (9*b*8 + 8): 9*b^2 + 154*b + 8 in all.
+  assert wide.count_params() - plain.count_params() == 9 * (24**2 - 16**2) + 154 * (24 - 16)
+  assert tuple(wide.get_layer('bottleneck_relu2').output.shape) == (None, 8, 8, 24)
+  assert tuple(wide.get_layer('enc2_relu2').output.shape) == (None, 16, 16, 8)
+  assert tuple(wide.get_layer('dec1_up').output.shape) == (None, 16, 16, 8)
+  with pytest.raises(ValueError, match='bottleneck_filters'):
+    model_lib.build_unet(NUM_CLASSES, image_size=(32, 32), depth=2, bottleneck_filters=0)
+
+
 @pytest.mark.parametrize('kwargs', [{'stem_stride': 3}, {'stem_stride': 2, 'image_size': (36, 48)},
                                     {'refine_filters': 8}, {'stem_stride': 2, 'refine_filters': -1}])
 def test_bad_stem_stride_or_size_raises(kwargs):

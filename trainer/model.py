@@ -61,7 +61,8 @@ def build_unet(num_classes: int,
                bn_momentum: float = 0.99,
                stem_stride: int = 1,
                residual: bool = False,
-               refine_filters: int = 0) -> keras.Model:
+               refine_filters: int = 0,
+               bottleneck_filters: int | None = None) -> keras.Model:
   """Builds a U-Net that maps [0, 1]-scaled RGB images to per-pixel class logits.
 
   Args:
@@ -69,7 +70,7 @@ def build_unet(num_classes: int,
     image_size: (height, width) of the input; both must be divisible by stem_stride * 2**depth
       so every pooled feature map upsamples back to exactly the size of its skip connection.
     base_filters: Filters of the first encoder level; level i uses base_filters * 2**i and the
-      bottleneck base_filters * 2**depth.
+      bottleneck base_filters * 2**depth unless bottleneck_filters is given.
     depth: Number of encoder (and decoder) levels.
     dropout: Dropout rate used after the last pool, the bottleneck and every decoder level but
       the last. 0 omits the Dropout layers altogether.
@@ -88,6 +89,9 @@ def build_unet(num_classes: int,
     refine_filters: With the stem, > 0 adds a full-resolution refinement of the upsampled
       logits: a 3x3 conv-ReLU with this many filters over [logits, image], then a 3x3 conv to a
       logit correction (zero-initialised, so training starts from plain upsampling). 0 = off.
+    bottleneck_filters: Filters of the bottleneck level (None = base_filters * 2**depth). It
+      runs at 1/(stem_stride * 2**depth) of the input, so widening it adds parameters at
+      little cost per step.
 
   Returns:
     An uncompiled `keras.Model` with input [None, H, W, 3] and float32 logits
@@ -107,6 +111,8 @@ def build_unet(num_classes: int,
                      f'{refine_filters} with stem_stride {stem_stride}')
   if base_filters < 1:
     raise ValueError(f'base_filters must be >= 1, got {base_filters}')
+  if bottleneck_filters is not None and bottleneck_filters < 1:
+    raise ValueError(f'bottleneck_filters must be >= 1, got {bottleneck_filters}')
   if not 0.0 <= dropout < 1.0:
     raise ValueError(f'dropout must be in [0, 1), got {dropout}')
   if len(image_size) != 2:
@@ -133,7 +139,8 @@ def build_unet(num_classes: int,
   if dropout > 0:
     x = keras.layers.Dropout(dropout, name=f'enc{depth}_dropout')(x)
 
-  bottleneck_filters = base_filters * 2**depth
+  if bottleneck_filters is None:
+    bottleneck_filters = base_filters * 2**depth
   x = _level(x, bottleneck_filters, 'bottleneck', sync_batchnorm, bn_momentum, residual)
   if dropout > 0:
     x = keras.layers.Dropout(dropout, name='bottleneck_dropout')(x)

@@ -67,7 +67,8 @@ def build_model(config: configs.Config, num_classes: int, training: bool = False
                               dropout=config.dropout, sync_batchnorm=config.sync_batchnorm,
                               any_size=training and config.crop_size is not None,
                               bn_momentum=config.bn_momentum, stem_stride=config.stem_stride,
-                              residual=config.residual, refine_filters=config.refine_filters)
+                              residual=config.residual, refine_filters=config.refine_filters,
+                              bottleneck_filters=config.bottleneck_filters)
 
 
 def class_weights_for(config: configs.Config, manifest) -> np.ndarray | None:

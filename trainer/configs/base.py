@@ -16,6 +16,7 @@ class Config:
   # Model (trainer/model.py).
   base_filters: int = 64
   depth: int = 4
+  bottleneck_filters: int | None = None  # None = base_filters * 2**depth.
   dropout: float = 0.5
   # 1 = the notebook's U-Net; 2 = a stride-2 stem runs it at half resolution (model.py says why).
   stem_stride: int = 1
@@ -192,6 +193,7 @@ def validate(config: Config) -> None:
       'eval_every_epochs': config.eval_every_epochs >= 1,
       'steps_per_epoch': config.steps_per_epoch is None or config.steps_per_epoch >= 1,
       'base_filters': config.base_filters >= 1, 'depth': config.depth >= 1,
+      'bottleneck_filters': config.bottleneck_filters is None or config.bottleneck_filters >= 1,
       'warmup_epochs': config.warmup_epochs >= 0,
       'backup_every_steps': config.backup_every_steps >= 0,
       'peer_timeout_seconds': config.peer_timeout_seconds >= 1,
