@@ -81,12 +81,21 @@ def _serving_fn(model: keras.Model, image_size: tuple[int, int], flip: bool,
     tf.debugging.assert_equal(
         sizes, tf.broadcast_to(out_size, tf.shape(sizes)),
         message='all images of one call must have the same height and width')
-    logits = model_lib.predict_logits(model, images, flip)
-    # Interpolate the logits, not the argmax, so class boundaries are smooth at full resolution.
-    logits = tf.image.resize(logits, out_size, method='bilinear')
-    if logit_bias is not None:
-      logits += tf.constant(logit_bias, logits.dtype)
-    return {'class_ids': tf.cast(tf.argmax(logits, axis=-1), tf.uint8)}
+
+    def class_ids():
+      logits = model_lib.predict_logits(model, images, flip)
+      # Interpolate the logits, not the argmax, so class boundaries are smooth at full
+      # resolution.
+      logits = tf.image.resize(logits, out_size, method='bilinear')
+      if logit_bias is not None:
+        logits += tf.constant(logit_bias, logits.dtype)
+      return tf.cast(tf.argmax(logits, axis=-1), tf.uint8)
+
+    # An empty call skips the model: on CPUs with AVX-512, TF 2.21's oneDNN convolution returns
+    # its input's shape for a batch of 0 ([0, H, W, 3] instead of [0, H, W, filters]), which
+    # the next BatchNormalization then rejects.
+    return {'class_ids': tf.cond(tf.shape(images)[0] > 0, class_ids,
+                                 lambda: tf.zeros([0, out_size[0], out_size[1]], tf.uint8))}
 
   return serve
 
