@@ -7,9 +7,10 @@ For each (stem_stride, crop) row it builds the model with trainer.model.build_un
 with AdamW and sparse cross-entropy, and times `train_on_batch` on in-memory tensors after three
 warm-up steps (no data pipeline: this isolates the model's cost). The rows are the previous
 `small` (no stem, 128x128 crops), the same U-Net behind the stem at the same crops, and the
-current `small` (stem, 192x192 crops); `--residual`, `--refine_filters` and `--bottleneck_filters`
-(model.py) time those options (the refinement in the stem rows only). Last line: RESULT stem_speedup_same_crop=<float>, the
-per-image speed-up of the stem at 128x128 crops.
+current `small` (stem, 192x192 crops); `--residual`, `--refine_filters` and
+`--bottleneck_filters` (model.py) time those options (the refinement in the stem rows only).
+Last line: RESULT stem_speedup_same_crop=<float>, the per-image speed-up of the stem at
+128x128 crops.
 """
 
 import argparse
