@@ -24,7 +24,8 @@ def test_every_preset_validates(name):
     ('clipnorm', 0.0), ('base_batch_size', 0), ('eval_batch_size', 0), ('shuffle_buffer', 0),
     ('cache_decoded_mb', -1), ('brightness', -0.1), ('contrast', 1.5), ('saturation', 2.0),
     ('num_summary_images', -1), ('profile_steps', (5, 2)), ('profile_steps', (-1, 2)),
-    ('logit_adjustment', 1.5), ('calibration_split', ''),
+    ('logit_adjustment', 1.5), ('calibration_split', ''), ('ohem_threshold', 1.0),
+    ('ohem_min_kept', 0.0),
 ])
 def test_out_of_range_values_are_refused_by_name(field, value):
   config = configs.get_config('small')

@@ -305,3 +305,40 @@ def test_losses_agree_on_logits_and_shared_log_probabilities(loss):
   shared = fn(labels, losses.log_probabilities(logits), normalized=True)
   assert float(shared) == pytest.approx(float(fn(labels, logits)), rel=1e-5)
   assert float(shared) > 0
+
+
+# Hard-example case: one example, 1x4 pixels, 2 classes, label 0 everywhere but a void pixel.
+#   p(label) 0.9, 0.6, void, 0.3  ->  CE ln(1/0.9), ln(1/0.6), -, ln(1/0.3)
+_OHEM_LABELS = np.array([[[0, 0, 255, 0]]], np.uint8)
+_OHEM_LOGITS = np.log(np.array([[[[0.9, 0.1], [0.6, 0.4], [0.5, 0.5], [0.3, 0.7]]]],
+                               np.float32))
+
+
+def test_ohem_keeps_pixels_below_the_threshold():
+  # Threshold 0.7: pixels 1 and 3 (p 0.6, 0.3) count; the easy pixel 0 and void do not.
+  # min_kept 1/4 of 4 pixels = 1 pixel, already covered by the threshold.
+  loss_sum, weight_sum = losses.pixel_loss_sum(_OHEM_LABELS, _OHEM_LOGITS, ohem_threshold=0.7,
+                                               ohem_min_kept=0.25)
+  assert float(weight_sum) == pytest.approx(2.0)
+  assert float(loss_sum) == pytest.approx(-math.log(0.6) - math.log(0.3), rel=1e-5)
+
+
+def test_ohem_keeps_at_least_min_kept_hardest_pixels_never_void():
+  # Threshold 0.2 keeps nothing by itself; min_kept 1/4 keeps the hardest pixel (p 0.3).
+  loss_sum, weight_sum = losses.pixel_loss_sum(_OHEM_LABELS, _OHEM_LOGITS, ohem_threshold=0.2,
+                                               ohem_min_kept=0.25)
+  assert float(weight_sum) == pytest.approx(1.0)
+  assert float(loss_sum) == pytest.approx(-math.log(0.3), rel=1e-5)
+  # min_kept above the valid pixels' share: every valid pixel, still no void one.
+  loss_sum, weight_sum = losses.pixel_loss_sum(_OHEM_LABELS, _OHEM_LOGITS, ohem_threshold=0.2,
+                                               ohem_min_kept=1.0)
+  assert float(weight_sum) == pytest.approx(3.0)
+  assert np.isfinite(float(loss_sum))
+
+
+def test_ohem_applies_class_weights_to_the_kept_pixels():
+  loss_sum, weight_sum = losses.pixel_loss_sum(
+      _OHEM_LABELS, _OHEM_LOGITS, class_weights=np.array([2.0, 1.0], np.float32),
+      ohem_threshold=0.7, ohem_min_kept=0.25)
+  assert float(weight_sum) == pytest.approx(4.0)
+  assert float(loss_sum) == pytest.approx(-2 * (math.log(0.6) + math.log(0.3)), rel=1e-5)

@@ -7,6 +7,7 @@ averaging per-replica means would not. `mean_pixel_loss` is the single-device co
 
 Void pixels (the ignore label, or any label outside [0, num_classes)) get weight 0 and are
 gathered with a safe index, so they contribute neither loss nor gradient and never produce NaN.
+Online hard example mining (`ohem_threshold`) gives the easy pixels weight 0 the same way.
 
 `lovasz_softmax` is the exception: the Lovasz extension of the Jaccard loss (Berman et al.,
 CVPR 2018) optimises IoU directly and is not a sum over pixels, so it is a mean per batch,
@@ -41,7 +42,9 @@ def pixel_loss_sum(labels,
                    loss_type: str = 'ce',
                    focal_gamma: float = 2.0,
                    sample_weight=None,
-                   normalized: bool = False) -> tuple[tf.Tensor, tf.Tensor]:
+                   normalized: bool = False,
+                   ohem_threshold: float = 0.0,
+                   ohem_min_kept: float = 0.0) -> tuple[tf.Tensor, tf.Tensor]:
   """Computes the weighted per-pixel loss sum and the weight sum over valid pixels.
 
   Args:
@@ -57,6 +60,12 @@ def pixel_loss_sum(labels,
       (e.g. 0 for examples that only pad a final evaluation batch).
     normalized: `logits` are already log-probabilities (`log_probabilities`), so one
       log-softmax can serve this and the Dice or Lovasz term.
+    ohem_threshold: 0 = every valid pixel counts. Otherwise online hard example mining (Shrivastava
+      et al. 2016, as semantic segmentation uses it: PSPNet, mmsegmentation's OHEMPixelSampler):
+      only pixels whose probability of their label is below this count, and at least the
+      `ohem_min_kept` fraction of all pixels, the hardest first. Easy pixels (most of Sky and
+      Road late in training) then stop diluting the thin classes' gradient.
+    ohem_min_kept: See ohem_threshold.
 
   Returns:
     (loss_sum, weight_sum) float32 scalars: sum of weight * loss and sum of weight over all
@@ -93,6 +102,9 @@ def pixel_loss_sum(labels,
     per_pixel = ce
 
   weights = tf.cast(valid, tf.float32)
+  if ohem_threshold:
+    weights *= _hard_pixels(tf.stop_gradient(tf.where(valid, ce, -1.0)), ohem_threshold,
+                            ohem_min_kept)
   if class_weights is not None:
     class_weights = tf.convert_to_tensor(class_weights, dtype=tf.float32)
     weights *= tf.gather(class_weights, safe_labels)
@@ -105,6 +117,17 @@ def pixel_loss_sum(labels,
   # tf.where (not only weight 0) keeps an inf loss at a void pixel out of the sum (0 * inf = NaN).
   weighted = tf.where(valid, weights * per_pixel, tf.zeros_like(per_pixel))
   return tf.reduce_sum(weighted), tf.reduce_sum(weights)
+
+
+def _hard_pixels(ce: tf.Tensor, threshold: float, min_kept: float) -> tf.Tensor:
+  """1.0 where -log p(label) = `ce` exceeds -log(threshold) or is among the top min_kept."""
+  flat = tf.reshape(ce, [-1])
+  k = tf.maximum(tf.cast(min_kept * tf.cast(tf.size(flat), tf.float32), tf.int32), 1)
+  kth = tf.reduce_min(tf.math.top_k(flat, k, sorted=False).values)
+  # Void pixels hold -1 and so are never kept (and never counted in the top k unless there are
+  # fewer valid pixels than k, in which case all valid pixels are kept).
+  cutoff = tf.maximum(tf.minimum(kth, -float(np.log(threshold))), 0.0)
+  return tf.cast(ce >= cutoff, tf.float32)
 
 
 def mean_pixel_loss(labels, logits, epsilon: float = 1e-8, **kwargs) -> tf.Tensor:

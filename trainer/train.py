@@ -148,8 +148,9 @@ def make_steps(model, optimizer, strategy, config, num_classes, class_weights,
       logits = model(batch['image'], training=True)
       # One log-softmax shared by the pixel loss and the set-level terms below.
       log_probs = losses.log_probabilities(logits)
-      loss_sum, weight_sum = losses.pixel_loss_sum(batch['mask'], log_probs, normalized=True,
-                                                   **loss_kw)
+      loss_sum, weight_sum = losses.pixel_loss_sum(
+          batch['mask'], log_probs, normalized=True, ohem_threshold=config.ohem_threshold,
+          ohem_min_kept=config.ohem_min_kept, **loss_kw)
       # The exact global weighted mean: gradients are summed over replicas by the optimizer.
       context = tf.distribute.get_replica_context()
       global_weight = context.all_reduce('sum', weight_sum)

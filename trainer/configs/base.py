@@ -64,6 +64,11 @@ class Config:
   loss: str = 'ce'  # ce | focal
   focal_gamma: float = 2.0
   class_weighting: str = 'none'  # none | median_frequency | inverse_sqrt
+  # Online hard example mining in training (losses.pixel_loss_sum): only pixels whose label's
+  # probability is below ohem_threshold count, and at least the ohem_min_kept fraction of a
+  # batch's pixels; 0 = off. Validation losses count every pixel.
+  ohem_threshold: float = 0.0
+  ohem_min_kept: float = 0.1
   max_class_weight: float | None = None
   # Weight of the Lovasz-softmax term (losses.lovasz_softmax, a direct IoU surrogate) added to
   # the pixel loss in training; 0 = off. Reported train loss includes it, val loss does not.
@@ -202,6 +207,8 @@ def validate(config: Config) -> None:
       'early_stopping_min_delta': 0 <= config.early_stopping_min_delta < 1,
       'lovasz_weight': config.lovasz_weight >= 0,
       'dice_weight': config.dice_weight >= 0,
+      'ohem_threshold': 0 <= config.ohem_threshold < 1,
+      'ohem_min_kept': 0 < config.ohem_min_kept <= 1,
       'refine_filters': config.refine_filters == 0 or (config.refine_filters > 0 and
                                                        config.stem_stride == 2),
       'logit_adjustment': 0 <= config.logit_adjustment <= 1,
