@@ -8,8 +8,9 @@ warm-up calls; median of three rounds of `--steps` calls. Rows: TensorFlow's fus
 `sparse_softmax_cross_entropy_with_logits` kernel (what trainer.losses used before), the
 trainer's cross-entropy (a gather from one log-softmax), that plus the soft Dice term sharing
 the log-softmax (what the train step does with `dice_weight`), and the same two computed
-separately (each its own softmax). Last line: RESULT kernel_vs_gather_ce=<float>, the fused
-kernel's time over the trainer's cross-entropy's.
+separately (each its own softmax), and the cross-entropy with online hard example mining (a
+top-k over the pixels' losses; `ohem_threshold` 0.7). Last line: RESULT
+kernel_vs_gather_ce=<float>, the fused kernel's time over the trainer's cross-entropy's.
 """
 
 import argparse
@@ -82,10 +83,15 @@ def main():
   def separate_ce_dice(g):
     return gather_ce(g) + losses.soft_dice(labels, g)
 
+  def ohem_ce(g):
+    return losses.mean_pixel_loss(labels, g, class_weights=weights, ohem_threshold=0.7,
+                                  ohem_min_kept=0.1)
+
   rows = [('fused sparse softmax cross-entropy kernel', kernel_ce),
           ('trainer cross-entropy (gather from log-softmax)', gather_ce),
           ('trainer cross-entropy + Dice, one shared log-softmax', shared_ce_dice),
-          ('trainer cross-entropy + Dice, separate softmaxes', separate_ce_dice)]
+          ('trainer cross-entropy + Dice, separate softmaxes', separate_ce_dice),
+          ('trainer cross-entropy, hard-pixel mining (OHEM)', ohem_ce)]
   print(f'logits {args.batch}x{args.size}x{args.size}x{args.classes}, forward + backward, '
         f'median of 3 rounds of {args.steps} calls')
   times = {}
