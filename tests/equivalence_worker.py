@@ -3,8 +3,9 @@
     python tests/equivalence_worker.py --mode single|multi --out W.npz [--steps 3 --batch 4]
 
 Used by tests/test_distributed.py: the same global batches through the trainer's own step
-function under the default strategy (one replica) and under a 2-worker
-MultiWorkerMirroredStrategy (TF_CONFIG set by the test) must give the same weights.
+function under the default strategy (one replica, fused batch norm) and under a 2-worker
+MultiWorkerMirroredStrategy (TF_CONFIG set by the test; synchronised batch norm) must give the
+same weights.
 """
 
 import argparse
@@ -20,6 +21,7 @@ import numpy as np
 import tensorflow as tf
 
 from trainer import configs, distribution, train
+from trainer import model as model_lib
 
 NUM_CLASSES = 4
 
@@ -45,7 +47,9 @@ def main():
   masks[1::3, 10:, :] = 255
   keras.utils.set_random_seed(0)
   with strategy.scope():
-    model = train.build_model(config, NUM_CLASSES)
+    # The training model: fused batch norm on one replica, synchronised Keras BN on two; the
+    # two must agree.
+    model = train.build_model(config, NUM_CLASSES, training=True)
     optimizer = train.make_optimizer(config, args.steps, args.steps)
     optimizer.build(model.trainable_variables)
   steps = train.make_steps(model, optimizer, strategy, config, NUM_CLASSES,
@@ -60,7 +64,9 @@ def main():
 
   iterator = iter(strategy.distribute_datasets_from_function(dataset_fn))
   loss_sum, weight_sum, _ = steps.train(iterator, tf.constant(args.steps))
-  print(f'loss {float(loss_sum) / max(float(weight_sum), 1e-6):.6f} replicas {runtime.num_replicas}')
+  fused = sum(isinstance(l, model_lib.FusedBatchNormalization) for l in model.layers)
+  print(f'loss {float(loss_sum) / max(float(weight_sum), 1e-6):.6f} replicas {runtime.num_replicas} '
+        f'fused_bn {fused}')
   if runtime.is_chief:
     np.savez(args.out, *[np.asarray(w) for w in model.weights])
 

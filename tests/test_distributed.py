@@ -5,6 +5,7 @@ worker failure and resume, mixed_bfloat16."""
 import csv
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -104,7 +105,8 @@ def test_multi_worker_matches_one_device(tmp_path):
   results = _finish(_start_workers([script, '--mode', 'multi', '--out', tmp_path / 'multi.npz']))
   for rc, _, err in results:
     assert rc == 0, err[-3000:]
-  assert 'replicas 2' in results[0][1]
+  assert 'replicas 2' in results[0][1] and 'fused_bn 0' in results[0][1]
+  assert re.search(r'fused_bn [1-9]', single.stdout)  # One replica trains with the fused kernel.
   a, b = np.load(tmp_path / 'single.npz'), np.load(tmp_path / 'multi.npz')
   assert len(a.files) == len(b.files) > 20
   moved = 0

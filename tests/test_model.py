@@ -5,6 +5,7 @@ import collections
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from trainer import model as model_lib
 
@@ -234,3 +235,44 @@ def test_bottleneck_filters_widen_only_the_bottleneck():
 def test_bad_stem_stride_or_size_raises(kwargs):
   with pytest.raises(ValueError, match='stem_stride'):
     model_lib.build_unet(NUM_CLASSES, **({'image_size': (32, 32), 'depth': 2} | kwargs))
+
+
+@pytest.mark.parametrize('policy', ['float32', 'mixed_bfloat16'])
+def test_fused_batchnorm_matches_keras_batchnorm(policy):
+  """Same outputs, gradients, moving statistics and inference as keras BatchNormalization."""
+  rng = np.random.default_rng(0)
+  x = tf.constant(rng.normal(3.0, 2.0, (2, 5, 6, 4)).astype(np.float32))
+  upstream = tf.constant(rng.normal(size=(2, 5, 6, 4)).astype(np.float32))
+  layers = [cls(momentum=0.9, dtype=policy) for cls in (keras.layers.BatchNormalization,
+                                                         model_lib.FusedBatchNormalization)]
+  for layer in layers:
+    layer.build(x.shape)
+    layer.set_weights([np.array([0.5, 1.0, 2.0, -1.0]), np.array([0.1, 0.0, -0.3, 1.0]),
+                       np.array([1.0, 2.0, 3.0, 4.0]), np.array([0.5, 1.0, 1.5, 2.0])])
+  results = []
+  for layer in layers:
+    with tf.GradientTape() as tape:
+      tape.watch(x)
+      y = layer(x, training=True)
+      loss = tf.reduce_sum(tf.cast(y, tf.float32) * upstream)
+    grads = tape.gradient(loss, [x, layer.gamma, layer.beta])
+    results.append([y, *grads, layer.moving_mean, layer.moving_variance,
+                    layer(x, training=False)])
+  assert results[1][0].dtype == results[0][0].dtype
+  tolerance = 1e-5 if policy == 'float32' else 2e-2  # bf16 keeps ~3 significant digits.
+  for keras_value, fused_value in zip(*results):
+    np.testing.assert_allclose(np.asarray(tf.cast(fused_value, tf.float32)),
+                               np.asarray(tf.cast(keras_value, tf.float32)),
+                               rtol=tolerance, atol=tolerance)
+  # Test of the test: the training call moved the statistics off their initial values.
+  assert not np.allclose(layers[1].moving_mean, [1.0, 2.0, 3.0, 4.0])
+
+
+def test_fused_batchnorm_is_only_unsynchronised():
+  with pytest.raises(ValueError, match='fused_batchnorm needs sync_batchnorm False'):
+    model_lib.build_unet(3, image_size=(16, 16), base_filters=4, depth=1, sync_batchnorm=True,
+                         fused_batchnorm=True)
+  model = model_lib.build_unet(3, image_size=(16, 16), base_filters=4, depth=1,
+                               fused_batchnorm=True)
+  assert _layer_counts(model)['FusedBatchNormalization'] == 6
+  assert _layer_counts(model)['BatchNormalization'] == 0

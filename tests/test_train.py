@@ -5,6 +5,7 @@ import pytest
 import tensorflow as tf
 
 from trainer import configs, losses, train
+from trainer import model as model_lib
 
 NUM_CLASSES = 4
 
@@ -34,3 +35,20 @@ def test_evaluation_scores_the_logit_adjusted_argmax(strength):
   # Test of the test: with the adjustment on, the weighting's shift must have mattered.
   if strength:
     assert np.any(predicted != np.argmax(logits, -1))
+
+
+def test_training_model_fuses_batchnorm_on_one_replica(tmp_path):
+  """Training builds use the fused kernel (same variables), evaluation and export Keras BN."""
+  config = configs.get_config('smoke').replace(sync_batchnorm=True)
+  tf.keras.utils.set_random_seed(1)
+  training = train.build_model(config, NUM_CLASSES, training=True)
+  plain = train.build_model(config, NUM_CLASSES)
+  fused = [l for l in training.layers if isinstance(l, model_lib.FusedBatchNormalization)]
+  assert fused and not any(isinstance(l, model_lib.FusedBatchNormalization)
+                           for l in plain.layers)
+  assert not all(np.array_equal(a, b) for a, b in zip(training.get_weights(), plain.get_weights()))
+  # A checkpoint of the training model restores into the plain one.
+  path = tf.train.Checkpoint(model=training).write(str(tmp_path / 'ckpt'))
+  tf.train.Checkpoint(model=plain).read(path).assert_existing_objects_matched()
+  for a, b in zip(training.weights, plain.weights):
+    np.testing.assert_array_equal(a.numpy(), b.numpy())

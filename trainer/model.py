@@ -22,32 +22,61 @@ neither beat the plain `small` U-Net (README, "Quality on real CamVid", Architec
 from collections.abc import Sequence
 
 import keras
+import tensorflow as tf
 
 
-def _conv_bn_relu(x, filters: int, prefix: str, index: int, sync_batchnorm: bool,
-                  bn_momentum: float, strides: int = 1, shortcut=None):
+class FusedBatchNormalization(keras.layers.BatchNormalization):
+  """keras.layers.BatchNormalization whose training step runs TensorFlow's fused kernel.
+
+  Keras 3 computes training-mode batch normalisation from separate ops (moments, then a scale
+  and shift), each a pass over the activations, and as many again in the backward pass; at
+  small's early levels (16-32 channels over many pixels, memory-bound on a CPU) those passes
+  cost more than the convolutions. The fused kernel (FusedBatchNormV3, with oneDNN's
+  implementation on CPUs) and its gradient make one pass each. Same variables, the same
+  moving-average update (with Keras' biased batch variance) and the same inference path as the
+  Keras layer, so checkpoints are interchangeable; only a single-replica (or unsynchronised)
+  layer over NHWC inputs can use it, which `build_unet` ensures.
+  """
+
+  def call(self, inputs, training=None, mask=None):
+    if not training or mask is not None:
+      return super().call(inputs, training=training, mask=mask)
+    channels = tf.shape(inputs)[-1:]
+    scale = tf.cast(self.gamma, tf.float32) if self.scale else tf.ones(channels)
+    offset = tf.cast(self.beta, tf.float32) if self.center else tf.zeros(channels)
+    # Like the Keras layer, normalise in float32 under a mixed-precision policy.
+    outputs, mean, variance = tf.compat.v1.nn.fused_batch_norm(
+        tf.cast(inputs, tf.float32), scale, offset, epsilon=self.epsilon, is_training=True)
+    # The kernel returns the unbiased variance (for its own running average); Keras' moving
+    # variance averages the biased one.
+    count = tf.cast(tf.size(inputs) // tf.shape(inputs)[-1], tf.float32)
+    variance *= (count - 1.0) / tf.maximum(count, 1.0)
+    for moving, batch in ((self.moving_mean, mean), (self.moving_variance, variance)):
+      moving.assign(moving * self.momentum + tf.cast(batch, moving.dtype) * (1.0 - self.momentum))
+    return tf.cast(outputs, inputs.dtype)
+
+
+def _conv_bn_relu(x, filters: int, prefix: str, index: int, norm, strides: int = 1,
+                  shortcut=None):
   """Applies one 3x3 'same' convolution (stride `strides`), batch normalisation and ReLU.
 
   The convolution keeps its bias (the Keras default) because the seed notebook did; the
   parameter count and checkpoints therefore match it exactly, even though BN makes the bias
-  redundant. A `shortcut` tensor (same shape as the output) is added before the ReLU: a
-  residual block.
+  redundant. `norm(name)` makes the BatchNormalization layer. A `shortcut` tensor (same shape
+  as the output) is added before the ReLU: a residual block.
   """
   x = keras.layers.Conv2D(filters, 3, strides=strides, padding='same',
                           name=f'{prefix}_conv{index}')(x)
-  x = keras.layers.BatchNormalization(
-      momentum=bn_momentum, synchronized=sync_batchnorm, name=f'{prefix}_bn{index}')(x)
+  x = norm(f'{prefix}_bn{index}')(x)
   if shortcut is not None:
     x = keras.layers.Add(name=f'{prefix}_add{index}')([shortcut, x])
   return keras.layers.ReLU(name=f'{prefix}_relu{index}')(x)
 
 
-def _level(x, filters: int, prefix: str, sync_batchnorm: bool, bn_momentum: float,
-           residual: bool):
+def _level(x, filters: int, prefix: str, norm, residual: bool):
   """Two conv-BN-ReLU blocks; with `residual` the second adds the first's output (He et al.)."""
-  x = _conv_bn_relu(x, filters, prefix, 1, sync_batchnorm, bn_momentum)
-  return _conv_bn_relu(x, filters, prefix, 2, sync_batchnorm, bn_momentum,
-                       shortcut=x if residual else None)
+  x = _conv_bn_relu(x, filters, prefix, 1, norm)
+  return _conv_bn_relu(x, filters, prefix, 2, norm, shortcut=x if residual else None)
 
 
 def build_unet(num_classes: int,
@@ -62,7 +91,8 @@ def build_unet(num_classes: int,
                stem_stride: int = 1,
                residual: bool = False,
                refine_filters: int = 0,
-               bottleneck_filters: int | None = None) -> keras.Model:
+               bottleneck_filters: int | None = None,
+               fused_batchnorm: bool = False) -> keras.Model:
   """Builds a U-Net that maps [0, 1]-scaled RGB images to per-pixel class logits.
 
   Args:
@@ -92,6 +122,9 @@ def build_unet(num_classes: int,
     bottleneck_filters: Filters of the bottleneck level (None = base_filters * 2**depth). It
       runs at 1/(stem_stride * 2**depth) of the input, so widening it adds parameters at
       little cost per step.
+    fused_batchnorm: Train with FusedBatchNormalization (TensorFlow's fused kernel; faster on a
+      CPU, the same variables and inference). Not with sync_batchnorm: the kernel only sees
+      its own replica's batch.
 
   Returns:
     An uncompiled `keras.Model` with input [None, H, W, 3] and float32 logits
@@ -113,6 +146,8 @@ def build_unet(num_classes: int,
     raise ValueError(f'base_filters must be >= 1, got {base_filters}')
   if bottleneck_filters is not None and bottleneck_filters < 1:
     raise ValueError(f'bottleneck_filters must be >= 1, got {bottleneck_filters}')
+  if fused_batchnorm and sync_batchnorm:
+    raise ValueError('fused_batchnorm needs sync_batchnorm False')
   if not 0.0 <= dropout < 1.0:
     raise ValueError(f'dropout must be in [0, 1), got {dropout}')
   if len(image_size) != 2:
@@ -123,17 +158,23 @@ def build_unet(num_classes: int,
     raise ValueError(f'image_size {tuple(image_size)} must be positive and divisible by '
                      f'stem_stride * 2**depth = {stride}')
 
+  def norm(layer_name):
+    if fused_batchnorm:
+      return FusedBatchNormalization(momentum=bn_momentum, name=layer_name)
+    return keras.layers.BatchNormalization(momentum=bn_momentum, synchronized=sync_batchnorm,
+                                           name=layer_name)
+
   inputs = keras.Input(shape=(None, None, 3) if any_size else (height, width, 3), name='image')
   x = inputs
   if stem_stride > 1:
-    x = _conv_bn_relu(x, base_filters, 'stem', 1, sync_batchnorm, bn_momentum, stem_stride)
+    x = _conv_bn_relu(x, base_filters, 'stem', 1, norm, stem_stride)
 
   # Encoder: keep each level's pre-pool activation as the skip connection.
   skips = []
   for level in range(1, depth + 1):
     filters = base_filters * 2**(level - 1)
     prefix = f'enc{level}'
-    x = _level(x, filters, prefix, sync_batchnorm, bn_momentum, residual)
+    x = _level(x, filters, prefix, norm, residual)
     skips.append(x)
     x = keras.layers.MaxPooling2D(2, name=f'{prefix}_pool')(x)
   if dropout > 0:
@@ -141,7 +182,7 @@ def build_unet(num_classes: int,
 
   if bottleneck_filters is None:
     bottleneck_filters = base_filters * 2**depth
-  x = _level(x, bottleneck_filters, 'bottleneck', sync_batchnorm, bn_momentum, residual)
+  x = _level(x, bottleneck_filters, 'bottleneck', norm, residual)
   if dropout > 0:
     x = keras.layers.Dropout(dropout, name='bottleneck_dropout')(x)
 
@@ -152,7 +193,7 @@ def build_unet(num_classes: int,
     x = keras.layers.Conv2DTranspose(
         filters, 3, strides=2, padding='same', name=f'{prefix}_up')(x)
     x = keras.layers.Concatenate(name=f'{prefix}_concat')([x, skips[depth - level]])
-    x = _level(x, filters, prefix, sync_batchnorm, bn_momentum, residual)
+    x = _level(x, filters, prefix, norm, residual)
     # The seed notebook regularises every decoder level except the one feeding the head.
     if dropout > 0 and level < depth:
       x = keras.layers.Dropout(dropout, name=f'{prefix}_dropout')(x)
