@@ -40,8 +40,10 @@ def small() -> Config:
   full-height 288x128 crops (FH1, FH2) and wide 128x288 crops (V1, V2) trailed by 2-4.5
   points at epoch 32 and were stopped. Paired with two fresh runs of this preset on a faster
   VM (S15_42, S15_7, 2026-11-28: 0.6460 / 0.9156 and 0.6417 / 0.9163; S15_3, seed 3, 0.6323 /
-  0.9138 in 15.4 minutes whole, quiet; 0.640 / 0.916 over all eight runs), a 512-filter
-  bottleneck (BW_42, BW_7: bottleneck_filters 512, 4.5M instead of 2.2M parameters) led by
+  0.9138 in 15.4 minutes whole, quiet; FB_42, with the fused BatchNorm kernel on an AVX2 VM,
+  2026-11-29: 0.6355 / 0.9155 in 22.4 minutes whole, quiet; 0.639 / 0.916 over all nine runs),
+  a 512-filter bottleneck (BW_42, BW_7: bottleneck_filters 512, 4.5M instead of 2.2M
+  parameters) led by
   2.3-3.4 points at epoch 32 and finished 0.3 lower; recomputing the BatchNorm statistics
   after training ("precise BN") scored 1.5 lower over whole frames and 0.1 lower over crops,
   and online hard example mining (OH_42, OH_7: ohem_threshold 0.7, ohem_min_kept 0.1) 1.3
