@@ -25,12 +25,15 @@ def test_every_preset_validates(name):
     ('cache_decoded_mb', -1), ('brightness', -0.1), ('contrast', 1.5), ('saturation', 2.0),
     ('num_summary_images', -1), ('profile_steps', (5, 2)), ('profile_steps', (-1, 2)),
     ('logit_adjustment', 1.5), ('calibration_split', ''), ('ohem_threshold', 1.0),
-    ('ohem_min_kept', 0.0),
+    ('ohem_min_kept', 0.0), ('label_smoothing', 1.0), ('label_smoothing', -0.1),
+    ('label_smoothing', 0.1),  # With focal loss: tried on a focal config below.
 ])
 def test_out_of_range_values_are_refused_by_name(field, value):
   config = configs.get_config('small')
   if field == 'refine_filters':
     config = config.replace(stem_stride=1, image_size=(256, 256), crop_size=(128, 128))
+  if field == 'label_smoothing' and value == 0.1:
+    config = config.replace(loss='focal')
   with pytest.raises(ValueError, match=f'^{field}: .* is out of range$'):
     configs.validate(config.replace(**{field: value}))
 
@@ -39,6 +42,7 @@ def test_out_of_range_values_are_refused_by_name(field, value):
     ('weight_decay', 0.0), ('focal_gamma', 0.0), ('max_class_weight', 10.0), ('clipnorm', 1.0),
     ('eval_batch_size', 1), ('cache_decoded_mb', 0), ('brightness', 1.0), ('contrast', 0.0),
     ('num_summary_images', 0), ('profile_steps', (0, 0)), ('profile_steps', (3, 9)),
+    ('label_smoothing', 0.1),
 ])
 def test_boundary_values_are_accepted(field, value):
   configs.validate(configs.get_config('small').replace(**{field: value}))

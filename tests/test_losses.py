@@ -342,3 +342,21 @@ def test_ohem_applies_class_weights_to_the_kept_pixels():
       ohem_threshold=0.7, ohem_min_kept=0.25)
   assert float(weight_sum) == pytest.approx(4.0)
   assert float(loss_sum) == pytest.approx(-2 * (math.log(0.6) + math.log(0.3)), rel=1e-5)
+
+
+def test_label_smoothing_hand_case_and_keras():
+  # Smoothing e moves e of the target mass to uniform: per pixel (1 - e) CE + e mean_c(-log p).
+  # Pixel 0 (p = 1/2, 1/2): ln 2 either way. Pixel 1 (p = 3/4, 1/4, label 1): (1 - e) 2 ln 2 +
+  # e (ln 4/3 + ln 4) / 2 = 2 ln 2 - e ln 3 / 2. Void still counts nothing.
+  loss_sum, weight_sum = losses.pixel_loss_sum(LABELS, LOGITS, label_smoothing=0.2)
+  assert float(weight_sum) == pytest.approx(2.0)
+  assert float(loss_sum) == pytest.approx(3 * LN2 - 0.1 * math.log(3.0), rel=1e-6)
+  keras_ce = tf.keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=0.2,
+                                                     reduction='sum')
+  expected = keras_ce(tf.one_hot([0, 1], 2), LOGITS[0, 0, :2])
+  assert float(loss_sum) == pytest.approx(float(expected), rel=1e-6)
+  # Off by default, and only defined for cross-entropy.
+  plain, _ = losses.pixel_loss_sum(LABELS, LOGITS, label_smoothing=0.0)
+  assert float(plain) == pytest.approx(3 * LN2, rel=1e-6)
+  with pytest.raises(ValueError, match='label_smoothing'):
+    losses.pixel_loss_sum(LABELS, LOGITS, loss_type='focal', label_smoothing=0.1)

@@ -222,13 +222,13 @@ def test_early_stopping_and_vertex_ai_dirs(smoke_data, tmp_path):
 def test_training_crops_and_sparse_validation(smoke_data, tmp_path):
   """Crops smaller than image_size train the same weights that whole frames are served with."""
   hparams = tmp_path / 'hp.json'
-  # Also trains with the Lovasz and Dice terms and hard-pixel mining on, which must leave a
-  # finite loss in every epoch, and with the stride-2 stem, residual blocks and the
+  # Also trains with the Lovasz and Dice terms, hard-pixel mining and label smoothing on, which
+  # must leave a finite loss in every epoch, and with the stride-2 stem, residual blocks and the
   # full-resolution refinement, whose model must still serve whole frames at image_size.
   hparams.write_text(json.dumps({'epochs': 3, 'eval_every_epochs': 2, 'crop_size': [16, 24],
                                  'image_size': [32, 32], 'bn_momentum': 0.9,
                                  'lovasz_weight': 0.5, 'dice_weight': 0.5, 'stem_stride': 2,
-                                 'ohem_threshold': 0.7,
+                                 'ohem_threshold': 0.7, 'label_smoothing': 0.1,
                                  'residual': True, 'refine_filters': 4,
                                  'class_weighting': 'inverse_sqrt', 'logit_adjustment': 0.5}))
   model_dir = tmp_path / 'model'

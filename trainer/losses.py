@@ -44,7 +44,8 @@ def pixel_loss_sum(labels,
                    sample_weight=None,
                    normalized: bool = False,
                    ohem_threshold: float = 0.0,
-                   ohem_min_kept: float = 0.0) -> tuple[tf.Tensor, tf.Tensor]:
+                   ohem_min_kept: float = 0.0,
+                   label_smoothing: float = 0.0) -> tuple[tf.Tensor, tf.Tensor]:
   """Computes the weighted per-pixel loss sum and the weight sum over valid pixels.
 
   Args:
@@ -66,6 +67,9 @@ def pixel_loss_sum(labels,
       `ohem_min_kept` fraction of all pixels, the hardest first. Easy pixels (most of Sky and
       Road late in training) then stop diluting the thin classes' gradient.
     ohem_min_kept: See ohem_threshold.
+    label_smoothing: Cross-entropy against (1 - e) * one-hot + e / C instead of the one-hot
+      label, as Keras' `label_smoothing` (Szegedy et al. 2016): (1 - e) * CE + e * mean over
+      classes of -log p. Only for loss_type 'ce'; OHEM still ranks pixels by the plain CE.
 
   Returns:
     (loss_sum, weight_sum) float32 scalars: sum of weight * loss and sum of weight over all
@@ -76,6 +80,8 @@ def pixel_loss_sum(labels,
   """
   if loss_type not in LOSS_TYPES:
     raise ValueError(f'loss_type must be one of {LOSS_TYPES}, got {loss_type!r}')
+  if label_smoothing and loss_type != 'ce':
+    raise ValueError(f'label_smoothing applies to the ce loss only, not {loss_type!r}')
   log_probs = logits if normalized else log_probabilities(logits)
   num_classes = tf.shape(log_probs)[-1]
   labels = tf.cast(labels, tf.int32)
@@ -98,6 +104,8 @@ def pixel_loss_sum(labels,
     # pixels whose loss tf.where discards below); its effect on the value is negligible.
     one_minus_p = tf.maximum(-tf.math.expm1(-ce), 1e-12)
     per_pixel = tf.pow(one_minus_p, focal_gamma) * ce
+  elif label_smoothing:
+    per_pixel = (1.0 - label_smoothing) * ce - label_smoothing * tf.reduce_mean(log_probs, -1)
   else:
     per_pixel = ce
 

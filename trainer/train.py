@@ -162,7 +162,7 @@ def make_steps(model, optimizer, strategy, config, num_classes, class_weights,
       log_probs = losses.log_probabilities(logits)
       loss_sum, weight_sum = losses.pixel_loss_sum(
           batch['mask'], log_probs, normalized=True, ohem_threshold=config.ohem_threshold,
-          ohem_min_kept=config.ohem_min_kept, **loss_kw)
+          ohem_min_kept=config.ohem_min_kept, label_smoothing=config.label_smoothing, **loss_kw)
       # The exact global weighted mean: gradients are summed over replicas by the optimizer.
       context = tf.distribute.get_replica_context()
       global_weight = context.all_reduce('sum', weight_sum)

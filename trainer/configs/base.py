@@ -69,6 +69,9 @@ class Config:
   # batch's pixels; 0 = off. Validation losses count every pixel.
   ohem_threshold: float = 0.0
   ohem_min_kept: float = 0.1
+  # Cross-entropy against labels smoothed towards uniform by this much in training (loss ce
+  # only); 0 = off. Validation losses use the plain labels.
+  label_smoothing: float = 0.0
   max_class_weight: float | None = None
   # Weight of the Lovasz-softmax term (losses.lovasz_softmax, a direct IoU surrogate) added to
   # the pixel loss in training; 0 = off. Reported train loss includes it, val loss does not.
@@ -209,6 +212,9 @@ def validate(config: Config) -> None:
       'dice_weight': config.dice_weight >= 0,
       'ohem_threshold': 0 <= config.ohem_threshold < 1,
       'ohem_min_kept': 0 < config.ohem_min_kept <= 1,
+      # Smoothing is defined for the cross-entropy only (losses.pixel_loss_sum).
+      'label_smoothing': 0 <= config.label_smoothing < 1 and (config.label_smoothing == 0 or
+                                                               config.loss == 'ce'),
       'refine_filters': config.refine_filters == 0 or (config.refine_filters > 0 and
                                                        config.stem_stride == 2),
       'logit_adjustment': 0 <= config.logit_adjustment <= 1,
