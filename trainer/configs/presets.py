@@ -43,9 +43,9 @@ def small() -> Config:
   0.9138 in 15.4 minutes whole, quiet; FB_42, with the fused BatchNorm kernel on an AVX2 VM,
   2026-11-29: 0.6355 / 0.9155 in 22.4 minutes whole, quiet; 0.639 / 0.916 over all nine runs),
   a 512-filter bottleneck (BW_42, BW_7: bottleneck_filters 512, 4.5M instead of 2.2M
-  parameters) led by
-  2.3-3.4 points at epoch 32 and finished 0.3 lower; recomputing the BatchNorm statistics
-  after training ("precise BN") scored 1.5 lower over whole frames and 0.1 lower over crops,
+  parameters) led by 2.3-3.4 points at epoch 32 and finished 0.3 lower; recomputing the
+  BatchNorm statistics after training ("precise BN") scored 1.5 lower over whole frames and
+  0.1 lower over crops,
   and online hard example mining (OH_42, OH_7: ohem_threshold 0.7, ohem_min_kept 0.1) 1.3
   lower. 80 epochs instead of 64 (E80_42, E80_7: 0.6371 and 0.6452) were level with the same
   seeds' runs (+0.0) and took 28.4-28.7 minutes whole on the AVX2 VM, over the time budget;
