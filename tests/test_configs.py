@@ -20,6 +20,7 @@ def test_every_preset_validates(name):
     ('bottleneck_filters', 0),
     ('scale_min', 2.0),  # Above scale_max.
     ('refine_filters', 4),  # Needs the stem: tried on a stem_stride 1 config below.
+    ('subpixel_logits', True),  # Likewise.
     ('weight_decay', -1e-4), ('focal_gamma', -1.0), ('max_class_weight', 0.0),
     ('clipnorm', 0.0), ('base_batch_size', 0), ('eval_batch_size', 0), ('shuffle_buffer', 0),
     ('cache_decoded_mb', -1), ('brightness', -0.1), ('contrast', 1.5), ('saturation', 2.0),
@@ -27,10 +28,12 @@ def test_every_preset_validates(name):
     ('logit_adjustment', 1.5), ('calibration_split', ''), ('ohem_threshold', 1.0),
     ('ohem_min_kept', 0.0), ('label_smoothing', 1.0), ('label_smoothing', -0.1),
     ('label_smoothing', 0.1),  # With focal loss: tried on a focal config below.
+    ('eval_scales', ()), ('eval_scales', (0.0, 1.0)), ('eval_scales', (4.5,)),
+    ('eval_scales', (0.1, 1.0)),  # 288 x 0.1 is less than one 32-pixel stride of `small`.
 ])
 def test_out_of_range_values_are_refused_by_name(field, value):
   config = configs.get_config('small')
-  if field == 'refine_filters':
+  if field in ('refine_filters', 'subpixel_logits'):
     config = config.replace(stem_stride=1, image_size=(256, 256), crop_size=(128, 128))
   if field == 'label_smoothing' and value == 0.1:
     config = config.replace(loss='focal')
@@ -42,7 +45,8 @@ def test_out_of_range_values_are_refused_by_name(field, value):
     ('weight_decay', 0.0), ('focal_gamma', 0.0), ('max_class_weight', 10.0), ('clipnorm', 1.0),
     ('eval_batch_size', 1), ('cache_decoded_mb', 0), ('brightness', 1.0), ('contrast', 0.0),
     ('num_summary_images', 0), ('profile_steps', (0, 0)), ('profile_steps', (3, 9)),
-    ('label_smoothing', 0.1),
+    ('label_smoothing', 0.1), ('eval_scales', (0.75, 1.0, 1.25)), ('eval_scales', (4.0,)),
+    ('eval_scales', (0.12,)),  # 288 x 0.12 rounds to 35 pixels: one stride, padded to 64.
 ])
 def test_boundary_values_are_accepted(field, value):
   configs.validate(configs.get_config('small').replace(**{field: value}))
@@ -54,3 +58,16 @@ def test_wrong_types_and_unknown_keys_name_the_source():
     configs.override(small, {'weight_decay': 'abc'}, 'hp.json')
   with pytest.raises(ValueError, match=r'^hp\.json: unknown keys wieght_decay '):
     configs.override(small, {'wieght_decay': 0.1}, 'hp.json')
+
+
+def test_eval_scales_take_a_list_of_any_length():
+  small = configs.get_config('small')
+  assert configs.Config().eval_scales == (1.0,)
+  assert configs.override(small, {'eval_scales': [0.75, 1]}, 'hp.json').eval_scales == (0.75, 1.0)
+  with pytest.raises(ValueError, match=r'^hp\.json: eval_scales: expected a list of one or more '):
+    configs.override(small, {'eval_scales': []}, 'hp.json')
+  with pytest.raises(ValueError, match=r'^hp\.json: eval_scales: expected float, got .x.$'):
+    configs.override(small, {'eval_scales': [1, 'x']}, 'hp.json')
+  # Fixed-length tuples still want exactly their length.
+  with pytest.raises(ValueError, match=r'^hp\.json: profile_steps: expected a list of 2 values'):
+    configs.override(small, {'profile_steps': [1, 2, 3]}, 'hp.json')

@@ -40,9 +40,9 @@ def model():
                               base_filters=4, depth=2, dropout=0.0)
 
 
-def _export(model, export_dir, flip=False, logit_bias=None):
+def _export(model, export_dir, flip=False, logit_bias=None, **scales):
   export_lib.export_model(model, str(export_dir), image_size=MODEL_SIZE, class_names=CLASS_NAMES,
-                          class_colors=CLASS_COLORS, flip=flip, logit_bias=logit_bias)
+                          class_colors=CLASS_COLORS, flip=flip, logit_bias=logit_bias, **scales)
 
 
 @pytest.fixture(scope='module')
@@ -161,6 +161,31 @@ def test_logit_bias_is_added_before_the_argmax_and_recorded(model, tmp_path):
     _export(model, tmp_path / 'other', logit_bias=bias[:3])
 
 
+def test_multiscale_export_averages_the_scaled_predictions(tmp_path):
+  keras.utils.set_random_seed(0)
+  model = model_lib.build_unet(num_classes=len(CLASS_NAMES), image_size=MODEL_SIZE,
+                               base_filters=4, depth=2, dropout=0.0, any_size=True)
+  # 0.75 x 32 = 24 is a multiple of the model's 4; 0.6 x 32 = 19 is padded to 20.
+  _export(model, tmp_path / 'export', scales=(0.6, 0.75, 1.0), multiple=4)
+  serve = tf.saved_model.load(str(tmp_path / 'export' / 'serving')).signatures['serving_default']
+  image = _image(40, 56, seed=8)
+  out = serve(image_bytes=tf.constant([_encode(image)]))['class_ids'].numpy()[0]
+  x = tf.image.resize(tf.image.convert_image_dtype(image[None], tf.float32), MODEL_SIZE,
+                      method='bilinear', antialias=True)
+  logits = model(x, training=False)
+  small = tf.image.resize(x, (24, 24), method='bilinear', antialias=True)
+  logits += tf.image.resize(model(small, training=False), MODEL_SIZE, method='bilinear')
+  smaller = tf.image.resize(x, (19, 19), method='bilinear', antialias=True)
+  smaller = tf.pad(smaller, [[0, 0], [0, 1], [0, 1], [0, 0]], mode='SYMMETRIC')
+  logits += tf.image.resize(model(smaller, training=False)[:, :19, :19], MODEL_SIZE,
+                            method='bilinear')
+  expected = np.argmax(tf.image.resize(logits / 3, (40, 56), method='bilinear')[0], -1)
+  assert np.mean(expected != _expected_class_ids(model, image)) > 0.01, (
+      'degenerate test: the scales change no prediction')
+  _assert_agrees(out, expected)
+  assert export_lib.load_labels(str(tmp_path / 'export'))['scales'] == [0.6, 0.75, 1.0]
+
+
 # --- model.keras, labels.json and atomicity ---------------------------------------------------
 
 def test_keras_model_reloads_with_same_logits(model, model_dir):
@@ -181,6 +206,7 @@ def test_labels_json_contents(model_dir):
       'ignore_label': 255,
       'image_size': [32, 32],
       'flip': False,
+      'scales': [1.0],
       'logit_bias': None,
   }
   with open(model_dir / 'export' / 'labels.json') as f:
@@ -197,7 +223,10 @@ def test_load_labels_errors_name_the_file(tmp_path):
                          '"ignore_label": 255, "image_size": [8, 8], "flip": false}', 'color'),
                         ('{"classes": [{"index": 0, "name": "a", "color": [1, 2, 3]}], '
                          '"ignore_label": 255, "image_size": [8, 8], "flip": false, '
-                         '"logit_bias": [1, 2]}', 'logit_bias')):
+                         '"logit_bias": [1, 2]}', 'logit_bias'),
+                        ('{"classes": [{"index": 0, "name": "a", "color": [1, 2, 3]}], '
+                         '"ignore_label": 255, "image_size": [8, 8], "flip": false, '
+                         '"scales": []}', 'scales')):
     (tmp_path / 'labels.json').write_text(text)
     with pytest.raises(InputError, match=problem) as info:
       export_lib.load_labels(str(tmp_path))

@@ -276,3 +276,79 @@ def test_fused_batchnorm_is_only_unsynchronised():
                                fused_batchnorm=True)
   assert _layer_counts(model)['FusedBatchNormalization'] == 6
   assert _layer_counts(model)['BatchNormalization'] == 0
+
+
+def _pointwise_model(num_classes=3):
+  """A 1x1-conv 'segmenter': each pixel's logits depend on that pixel only, so padding never
+  reaches the cropped logits and multi-scale geometry can be checked exactly."""
+  inputs = keras.Input((None, None, 3))
+  return keras.Model(inputs, keras.layers.Conv2D(num_classes, 1, name='head')(inputs))
+
+
+def test_predict_logits_with_one_scale_is_the_plain_or_flip_averaged_prediction():
+  keras.utils.set_random_seed(3)
+  model = model_lib.build_unet(4, image_size=(16, 24), base_filters=4, depth=2, dropout=0.0)
+  x = np.random.default_rng(0).random((2, 16, 24, 3), dtype=np.float32)
+  plain = model(x, training=False).numpy()
+  np.testing.assert_array_equal(model_lib.predict_logits(model, x, scales=(1.0,)), plain)
+  mirrored = model(x[:, :, ::-1], training=False).numpy()[:, :, ::-1]
+  np.testing.assert_allclose(model_lib.predict_logits(model, x, flip=True),
+                             (plain + mirrored) / 2, atol=1e-5)
+
+
+def test_multiscale_logits_average_each_scale_resized_back():
+  keras.utils.set_random_seed(4)
+  model = model_lib.build_unet(4, image_size=(24, 32), base_filters=4, depth=2, dropout=0.0,
+                               any_size=True)
+  x = np.random.default_rng(1).random((2, 24, 32, 3), dtype=np.float32)
+  half = tf.image.resize(x, (12, 16), method='bilinear', antialias=True)
+  expected = 0.5 * (model(x, training=False) + tf.image.resize(model(half, training=False),
+                                                               (24, 32), method='bilinear'))
+  got = model_lib.predict_logits(model, x, scales=(0.5, 1.0), multiple=4)
+  assert got.shape == (2, 24, 32, 4)
+  np.testing.assert_allclose(got, expected, atol=1e-5)
+  # Test of the test: the half-scale prediction differs from the full one.
+  assert np.abs(got - model(x, training=False)).max() > 1e-3
+
+
+def test_multiscale_pads_to_the_stride_and_crops_the_padding_away():
+  keras.utils.set_random_seed(5)
+  model = _pointwise_model()
+  x = np.random.default_rng(2).random((1, 24, 32, 3), dtype=np.float32)
+  # 0.6 x 24x32 = 14x19, not a multiple of 8: padded to 16x24 by mirroring, then cropped back.
+  small = tf.image.resize(x, (14, 19), method='bilinear', antialias=True)
+  expected = tf.image.resize(model(small), (24, 32), method='bilinear')
+  got = model_lib.predict_logits(model, x, scales=(0.6,), multiple=8)
+  np.testing.assert_allclose(got, expected, atol=1e-5)
+  # Up-scaling resizes without antialiasing and with the flip each scale is mirror-averaged.
+  large = tf.image.resize(x, (36, 48), method='bilinear')
+  mirrored = model(large[:, :, ::-1])[:, :, ::-1]
+  expected = tf.image.resize((model(large) + mirrored) / 2, (24, 32), method='bilinear')
+  np.testing.assert_allclose(model_lib.predict_logits(model, x, True, (1.5,), 8), expected,
+                             atol=1e-5)
+
+
+def test_subpixel_logits_start_as_plain_upsampling_and_resolve_each_input_pixel():
+  kwargs = {'image_size': (32, 48), 'base_filters': 4, 'depth': 2, 'stem_stride': 2}
+  stem = model_lib.build_unet(NUM_CLASSES, **kwargs)
+  subpixel = model_lib.build_unet(NUM_CLASSES, subpixel_logits=True, **kwargs)
+  # A 2x2 transposed conv from the last decoder's base_filters features, with biases.
+  assert subpixel.count_params() == stem.count_params() + 2 * 2 * 4 * NUM_CLASSES + NUM_CLASSES
+  for layer in stem.layers:
+    subpixel.get_layer(layer.name).set_weights(layer.get_weights())
+  images = np.random.default_rng(3).random((2, 32, 48, 3), np.float32)
+  np.testing.assert_allclose(subpixel(images), stem(images), atol=1e-6)
+  assert subpixel.output.dtype == 'float32'
+  # Once trained, the four pixels under one stem position get logits of their own: a kernel
+  # that adds 1 to class 0 at the top-left pixel of each 2x2 block only.
+  conv = subpixel.get_layer('subpixel_logits')
+  kernel, bias = conv.get_weights()  # kernel [2, 2, classes, filters]
+  kernel[0, 0, 0, :] = 1.0
+  conv.set_weights([kernel, bias])
+  features = keras.Model(subpixel.input, conv.input)(images).numpy()
+  diff = (subpixel(images) - stem(images)).numpy()
+  np.testing.assert_allclose(diff[:, 0::2, 0::2, 0], features.sum(-1), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(diff[:, 1::2, :, :], 0, atol=1e-6)
+  np.testing.assert_allclose(diff[:, :, :, 1:], 0, atol=1e-6)
+  with pytest.raises(ValueError, match='subpixel_logits needs stem_stride 2'):
+    model_lib.build_unet(NUM_CLASSES, subpixel_logits=True, image_size=(32, 48), depth=2)

@@ -223,13 +223,14 @@ def test_training_crops_and_sparse_validation(smoke_data, tmp_path):
   """Crops smaller than image_size train the same weights that whole frames are served with."""
   hparams = tmp_path / 'hp.json'
   # Also trains with the Lovasz and Dice terms, hard-pixel mining and label smoothing on, which
-  # must leave a finite loss in every epoch, and with the stride-2 stem, residual blocks and the
-  # full-resolution refinement, whose model must still serve whole frames at image_size.
+  # must leave a finite loss in every epoch, and with the stride-2 stem, residual blocks, the
+  # full-resolution refinement and the sub-pixel logits, whose model must still serve whole
+  # frames at image_size.
   hparams.write_text(json.dumps({'epochs': 3, 'eval_every_epochs': 2, 'crop_size': [16, 24],
                                  'image_size': [32, 32], 'bn_momentum': 0.9,
                                  'lovasz_weight': 0.5, 'dice_weight': 0.5, 'stem_stride': 2,
                                  'ohem_threshold': 0.7, 'label_smoothing': 0.1,
-                                 'residual': True, 'refine_filters': 4,
+                                 'residual': True, 'refine_filters': 4, 'subpixel_logits': True,
                                  'class_weighting': 'inverse_sqrt', 'logit_adjustment': 0.5}))
   model_dir = tmp_path / 'model'
   proc = run_module('trainer.task', *SMOKE, '--data_dir', smoke_data, '--model_dir', model_dir,
@@ -247,6 +248,7 @@ def test_training_crops_and_sparse_validation(smoke_data, tmp_path):
   assert tuple(served.output_shape) == (None, 32, 32, 11)
   assert served.get_layer('stem_conv1').strides == (2, 2)
   assert served.get_layer('refine_conv').filters == 4 and served.get_layer('dec2_add2')
+  assert served.get_layer('subpixel_logits').strides == (2, 2)
   assert served.layers[2].momentum == 0.9
   # The served prediction carries the same logit adjustment the val metrics used.
   from tfrecords_builder import manifest as manifest_lib  # pylint: disable=g-import-not-at-top
@@ -282,8 +284,10 @@ def test_training_crops_and_sparse_validation(smoke_data, tmp_path):
 def test_calibration_is_fitted_on_train_and_used_by_metrics_export_and_evaluate(smoke_data,
                                                                                 tmp_path):
   hparams = tmp_path / 'hp.json'
+  # With two test-time scales (0.6 x 32 = 19 pixels is padded to the model's multiple of 4), which
+  # the calibration, the metrics, the export and trainer.evaluate must all use alike.
   hparams.write_text(json.dumps({'class_weighting': 'inverse_sqrt', 'logit_adjustment': 0.5,
-                                 'calibration_split': 'train'}))
+                                 'calibration_split': 'train', 'eval_scales': [0.6, 1.0]}))
   model_dir = tmp_path / 'model'
   proc = run_module('trainer.task', *SMOKE, '--data_dir', smoke_data, '--model_dir', model_dir,
                     '--hparams_file', hparams)
@@ -304,6 +308,7 @@ def test_calibration_is_fitted_on_train_and_used_by_metrics_export_and_evaluate(
   assert set(metrics['uncalibrated']) == {'mean_iou', 'pixel_accuracy'}
   labels = json.loads((model_dir / 'export' / 'labels.json').read_text())
   assert labels['logit_bias'] == pytest.approx(record['bias'], rel=1e-6)
+  assert labels['scales'] == [0.6, 1.0]
 
   def evaluate(*extra):
     report = tmp_path / 'eval.json'
@@ -324,6 +329,17 @@ def test_calibration_is_fitted_on_train_and_used_by_metrics_export_and_evaluate(
   refit = evaluate('--calibration_split', 'train')
   assert refit['calibration']['source'] == 'fitted on train'
   assert refit['calibration']['bias'] == pytest.approx(record['bias'], abs=1e-5)
+  assert same['eval_scales'] == refit['eval_scales'] == [0.6, 1.0]
+  one_scale = evaluate('--eval_scales', '1', '--calibration_split', 'train')
+  assert one_scale['eval_scales'] == [1.0]
+  assert one_scale['confusion_matrix'] != same['confusion_matrix'], (
+      'degenerate test: the scales change no prediction')
+  for value, problem in (('0', 'eval_scales: (0.0,) is out of range'),
+                         ('1,x', "'1,x' is not a comma-separated list of numbers")):
+    proc = run_module('trainer.evaluate', '--model_dir', model_dir, '--data_dir', smoke_data,
+                      '--eval_scales', value)
+    assert proc.returncode == 2 and f'error: --eval_scales: {problem}' in proc.stderr, proc.stderr
+    assert 'Traceback' not in proc.stderr
 
 
 def _onednn_on_after_importing(module: str, env: dict) -> bool:

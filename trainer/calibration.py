@@ -126,7 +126,9 @@ def sample_logits(model, manifest, split: str, config,
 
   @tf.function(reduce_retracing=True)
   def predict(images, size):
-    logits = model_lib.predict_logits(model, images, config.eval_flip)
+    logits = model_lib.predict_logits(
+        model, images, config.eval_flip, config.eval_scales,
+        model_lib.size_multiple(config.stem_stride, config.depth))
     return tf.image.resize(logits, size, method='bilinear')
 
   kept_logits, kept_labels = [], []

@@ -1,7 +1,7 @@
 """`python -m trainer.evaluate`: a report JSON for one split of a data dir, from a trained model_dir.
 
     python -m trainer.evaluate --model_dir M --data_dir D --split S [--output F]
-        [--logit_adjustment A] [--calibration_split S2]
+        [--logit_adjustment A] [--calibration_split S2] [--eval_scales S1,S2,...]
 
 Evaluates the best checkpoint (the latest backup if there is no best yet) with the run's own
 config (model_dir/config.json) through the trainer's evaluation code: metrics at label resolution,
@@ -10,7 +10,9 @@ void excluded, classes absent from labels and predictions left out of the means.
 "precision", "recall", "f1", "support"}}, "confusion_matrix"} (plus loss and macro means) to
 --output, or prints it. `--logit_adjustment` scores the same checkpoint with another strength of
 the prediction-time logit adjustment than the run's (trainer/configs/base.py), e.g. to choose it
-on the train split; the report records the value used.
+on the train split; the report records the value used. `--eval_scales` likewise replaces the
+run's test-time scales (config eval_scales); pair it with `--calibration_split`, since a
+calibration fitted under other scales no longer fits.
 
 A run trained with `calibration_split` has model_dir/calibration.json (per-class decision biases,
 trainer/calibration.py), which evaluation uses unless `--logit_adjustment` asks for the plain
@@ -42,14 +44,20 @@ _CALIBRATION_SPLIT = flags.DEFINE_string(
     'calibration_split', None, 'Fit per-class decision biases on this split (e.g. train) before '
     'evaluating, instead of using the run\'s calibration.json; nothing is written.')
 
+_EVAL_SCALES = flags.DEFINE_list(
+    'eval_scales', None, 'Override the run\'s test-time scales, e.g. 0.75,1 (config '
+    'eval_scales).')
+
 
 def evaluate_model_dir(model_dir: str, data_dir: str, split: str,
                        logit_adjustment: float | None = None,
-                       calibration_split: str | None = None) -> dict:
+                       calibration_split: str | None = None,
+                       eval_scales: tuple[float, ...] | None = None) -> dict:
   """Restores the best checkpoint of `model_dir` and evaluates `split` of `data_dir`.
 
   `logit_adjustment`, if given, replaces the run's own value and its calibration.json;
-  `calibration_split`, if given, fits new per-class biases on that split first.
+  `calibration_split`, if given, fits new per-class biases on that split first; `eval_scales`,
+  if given, replaces the run's test-time scales.
   """
   import numpy as np  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
@@ -59,6 +67,8 @@ def evaluate_model_dir(model_dir: str, data_dir: str, split: str,
   config = train.load_config(model_dir)
   if logit_adjustment is not None:
     config = config.replace(logit_adjustment=logit_adjustment)
+  if eval_scales is not None:
+    config = _with_scales(config, eval_scales)
   manifest = manifest_lib.read(data_dir.rstrip('/'))
   manifest.split(split)
   if calibration_split:
@@ -99,7 +109,18 @@ def evaluate_model_dir(model_dir: str, data_dir: str, split: str,
   result['checkpoint'] = checkpoint
   result['logit_adjustment'] = config.logit_adjustment
   result['calibration'] = used
+  result['eval_scales'] = list(config.eval_scales)
   return result
+
+
+def _with_scales(config, eval_scales):
+  from trainer import configs  # pylint: disable=g-import-not-at-top
+  try:
+    config = configs.override(config, {'eval_scales': list(eval_scales)}, '--eval_scales')
+    configs.validate(config)
+  except ValueError as e:
+    raise ConfigError(str(e) if str(e).startswith('--') else f'--eval_scales: {e}') from None
+  return config
 
 
 def main(argv):
@@ -112,8 +133,15 @@ def main(argv):
     fileio.check_bucket(flag.value, f'--{flag.name}')
   if _LOGIT_ADJUSTMENT.value is not None and not 0 <= _LOGIT_ADJUSTMENT.value <= 1:
     raise ConfigError(f'--logit_adjustment: {_LOGIT_ADJUSTMENT.value} is out of range [0, 1]')
+  scales = None
+  if _EVAL_SCALES.value is not None:
+    try:
+      scales = tuple(float(s) for s in _EVAL_SCALES.value)
+    except ValueError:
+      raise ConfigError(f'--eval_scales: {",".join(_EVAL_SCALES.value)!r} is not a comma-'
+                        'separated list of numbers') from None
   result = evaluate_model_dir(_MODEL_DIR.value, _DATA_DIR.value, _SPLIT.value,
-                              _LOGIT_ADJUSTMENT.value, _CALIBRATION_SPLIT.value)
+                              _LOGIT_ADJUSTMENT.value, _CALIBRATION_SPLIT.value, scales)
   text = json.dumps(result, indent=2) + '\n'
   if _OUTPUT.value:
     from tfrecords_builder.fileio import write_atomic  # pylint: disable=g-import-not-at-top

@@ -6,10 +6,10 @@
                 custom objects are needed). For fine-tuning, evaluation or re-export.
   serving/      A TF SavedModel whose `serving_default` signature maps encoded PNG/JPEG bytes to
                 per-pixel class ids at the input resolution, with decoding, scaling, resizing and
-                optional flip averaging and logit bias inside the graph. For TF Serving and
+                optional flip and scale averaging and logit bias inside the graph. For TF Serving and
                 `trainer.predict`.
   labels.json   Class names and colours, the void label, the model's input size, whether the
-                flip is baked in and the baked-in logit bias (null if none). Written last: it
+                flip is baked in, the test-time scales and the baked-in logit bias (null if none). Written last: it
                 marks the export as complete.
 
 An existing labels.json is removed before anything is replaced, model.keras is written under a
@@ -56,7 +56,7 @@ def _check_args(model: keras.Model, image_size, class_names, class_colors) -> tu
 
 
 def _serving_fn(model: keras.Model, image_size: tuple[int, int], flip: bool,
-                logit_bias: list[float] | None):
+                logit_bias: list[float] | None, scales: tuple[float, ...], multiple: int):
   """Returns fn(image_bytes) -> {'class_ids'}: the whole bytes-to-mask pipeline as TF ops."""
   height, width = image_size
 
@@ -83,7 +83,7 @@ def _serving_fn(model: keras.Model, image_size: tuple[int, int], flip: bool,
         message='all images of one call must have the same height and width')
 
     def class_ids():
-      logits = model_lib.predict_logits(model, images, flip)
+      logits = model_lib.predict_logits(model, images, flip, scales, multiple)
       # Interpolate the logits, not the argmax, so class boundaries are smooth at full
       # resolution.
       logits = tf.image.resize(logits, out_size, method='bilinear')
@@ -101,7 +101,8 @@ def _serving_fn(model: keras.Model, image_size: tuple[int, int], flip: bool,
 
 
 def _write_saved_model(model: keras.Model, path: str, image_size: tuple[int, int],
-                       flip: bool, logit_bias: list[float] | None) -> None:
+                       flip: bool, logit_bias: list[float] | None, scales: tuple[float, ...],
+                       multiple: int) -> None:
   """Writes the serving SavedModel to `path` (which must not exist)."""
   # keras.export.ExportArchive rather than tf.saved_model.save on a hand-made tf.Module: it
   # tracks the Keras 3 model's variables for us, traces the endpoint from the input signature
@@ -110,7 +111,7 @@ def _write_saved_model(model: keras.Model, path: str, image_size: tuple[int, int
   archive = keras.export.ExportArchive()
   archive.track(model)
   archive.add_endpoint(
-      'serving_default', _serving_fn(model, image_size, flip, logit_bias),
+      'serving_default', _serving_fn(model, image_size, flip, logit_bias, scales, multiple),
       input_signature=[tf.TensorSpec([None], tf.string, name='image_bytes')])
   archive.write_out(path, verbose=False)
 
@@ -131,14 +132,17 @@ def export_model(model: keras.Model,
                  class_colors: list[list[int]],
                  ignore_label: int = 255,
                  flip: bool = False,
-                 logit_bias: Sequence[float] | None = None) -> None:
+                 logit_bias: Sequence[float] | None = None,
+                 scales: Sequence[float] = (1.0,),
+                 multiple: int = 1) -> None:
   """Writes model.keras, the serving SavedModel and labels.json under `export_dir`.
 
   The serving signature `serving_default` takes `image_bytes`, a 1-D string tensor of encoded
   PNG or JPEG images. All images of one call must have the same height and width (they are
   stacked into one batch); the call fails otherwise. Each image is decoded to RGB, scaled to
   [0, 1], resized to `image_size` (bilinear, antialiased), run through the model in inference
-  mode (with `flip`, logits are averaged with those of the horizontally flipped image), the
+  mode (with `flip`, logits are averaged with those of the horizontally flipped image; with
+  `scales`, over the image resized by each scale, model.predict_logits), the
   logits are resized back to the input resolution (bilinear) and `logit_bias` is added. It
   returns
   `{'class_ids': uint8 [N, H, W]}`, the per-pixel argmax; void is never predicted.
@@ -154,6 +158,9 @@ def export_model(model: keras.Model,
     class_colors: C [r, g, b] colours, index order.
     ignore_label: The void label value of the training masks, recorded in labels.json.
     flip: Bake horizontal-flip test-time averaging into the serving signature.
+    scales: Test-time scales averaged in the serving signature; other than (1.0,) the model
+      must accept any input size (build_unet's any_size).
+    multiple: The model's size multiple (model.size_multiple) scaled images are padded to.
     logit_bias: Optional [C] offsets added to the logits before the argmax (the trainer's
       logit adjustment, losses.logit_adjustment_bias); None adds nothing.
 
@@ -191,7 +198,8 @@ def export_model(model: keras.Model,
   # written last, is what marks the export complete.
   serving_path = os.path.join(export_dir, SERVING_NAME)
   _remove(serving_path)
-  _write_saved_model(model, serving_path, (height, width), flip, logit_bias)
+  _write_saved_model(model, serving_path, (height, width), flip, logit_bias,
+                     tuple(float(s) for s in scales), int(multiple))
 
   labels = {
       'classes': [{'index': i, 'name': str(name), 'color': [int(c) for c in color]}
@@ -199,6 +207,7 @@ def export_model(model: keras.Model,
       'ignore_label': int(ignore_label),
       'image_size': [height, width],
       'flip': bool(flip),
+      'scales': [float(s) for s in scales],
       'logit_bias': logit_bias,
   }
   fileio.write_atomic(labels_path, json.dumps(labels, indent=2) + '\n')
@@ -230,6 +239,11 @@ def _check_labels(labels) -> str | None:
     return '"image_size" must be [height, width]'
   if not isinstance(labels['flip'], bool):
     return '"flip" must be true or false'
+  # Optional: exports written before multi-scale averaging existed have no such key.
+  scales = labels.get('scales', [1.0])
+  if (not isinstance(scales, list) or not scales or not all(
+      isinstance(s, (int, float)) and not isinstance(s, bool) and s > 0 for s in scales)):
+    return '"scales" must be a non-empty list of positive numbers'
   # Optional: exports written before logit adjustment existed have no such key.
   bias = labels.get('logit_bias')
   if bias is not None and (not isinstance(bias, list) or len(bias) != len(classes) or not all(
@@ -243,8 +257,8 @@ def load_labels(export_dir: str) -> dict:
 
   Returns:
     The parsed dict: `classes` (list of {index, name, color}), `ignore_label`, `image_size`
-    ([h, w]), `flip` and optionally `logit_bias` (already applied inside the serving
-    signature; informational).
+    ([h, w]), `flip` and optionally `scales` and `logit_bias` (both already applied inside
+    the serving signature; informational).
 
   Raises:
     InputError: If the file is missing (the export is absent or incomplete) or malformed; the

@@ -92,7 +92,8 @@ def build_unet(num_classes: int,
                residual: bool = False,
                refine_filters: int = 0,
                bottleneck_filters: int | None = None,
-               fused_batchnorm: bool = False) -> keras.Model:
+               fused_batchnorm: bool = False,
+               subpixel_logits: bool = False) -> keras.Model:
   """Builds a U-Net that maps [0, 1]-scaled RGB images to per-pixel class logits.
 
   Args:
@@ -122,6 +123,11 @@ def build_unet(num_classes: int,
     bottleneck_filters: Filters of the bottleneck level (None = base_filters * 2**depth). It
       runs at 1/(stem_stride * 2**depth) of the input, so widening it adds parameters at
       little cost per step.
+    subpixel_logits: With the stem, add a learned sub-pixel correction to the upsampled
+      logits: a transposed 2x2 convolution with stride 2 (each feature position predicts its
+      own logits for each of the stem_stride**2 input pixels it covers; DUC, Wang et al. 2018,
+      "Understanding Convolution for Semantic Segmentation") of the last decoder features,
+      zero-initialised, so training starts from plain upsampling.
     fused_batchnorm: Train with FusedBatchNormalization (TensorFlow's fused kernel; faster on a
       CPU, the same variables and inference). Not with sync_batchnorm: the kernel only sees
       its own replica's batch.
@@ -139,6 +145,8 @@ def build_unet(num_classes: int,
     raise ValueError(f'stem_stride must be 1 or 2, got {stem_stride}')
   if depth < 1:
     raise ValueError(f'depth must be >= 1, got {depth}')
+  if subpixel_logits and stem_stride == 1:
+    raise ValueError('subpixel_logits needs stem_stride 2')
   if refine_filters < 0 or (refine_filters and stem_stride == 1):
     raise ValueError(f'refine_filters must be >= 0 and needs stem_stride 2, got '
                      f'{refine_filters} with stem_stride {stem_stride}')
@@ -205,6 +213,14 @@ def build_unet(num_classes: int,
   if stem_stride > 1:
     logits = keras.layers.UpSampling2D(stem_stride, interpolation='bilinear', dtype='float32',
                                        name='logits_upsample')(logits)
+    if subpixel_logits:
+      # Poles are two or three pixels wide in a 480-pixel frame: below one position at the
+      # stem's resolution, where bilinear upsampling can only smear them. The stem conv saw
+      # every input pixel, so the features can say which of the positions' pixels is a pole.
+      correction = keras.layers.Conv2DTranspose(
+          num_classes, stem_stride, strides=stem_stride, kernel_initializer='zeros',
+          dtype='float32', name='subpixel_logits')(x)
+      logits = keras.layers.Add(dtype='float32', name='subpixel_add')([logits, correction])
     if refine_filters:
       # Thin objects (poles, signs) are one or two pixels wide at the stem's resolution; this
       # lets the image's own edges sharpen the upsampled scores at little cost (few channels).
@@ -217,16 +233,50 @@ def build_unet(num_classes: int,
   return keras.Model(inputs, logits, name=name)
 
 
-def predict_logits(model: keras.Model, images, flip: bool = False):
-  """Inference logits of `images`, averaged with those of their mirror images if `flip`.
+def size_multiple(stem_stride: int, depth: int) -> int:
+  """The multiple every input height and width must be (build_unet's stride)."""
+  return stem_stride * 2**depth
 
-  The one place test-time flip averaging is defined (evaluation, calibration and the export all
-  call it): one model call on the doubled batch, cheaper than two calls; the mirrored half's
-  logits are flipped back so both halves line up with the input before averaging.
-  """
+
+def _flip_averaged(model: keras.Model, images, flip: bool):
   if not flip:
     return model(images, training=False)
+  # One model call on the doubled batch, cheaper than two calls; the mirrored half's logits
+  # are flipped back so both halves line up with the input before averaging.
   both = model(keras.ops.concatenate([images, keras.ops.flip(images, axis=2)], axis=0),
                training=False)
   plain, mirrored = keras.ops.split(both, 2, axis=0)
   return 0.5 * (plain + keras.ops.flip(mirrored, axis=2))
+
+
+def predict_logits(model: keras.Model, images, flip: bool = False,
+                   scales: Sequence[float] = (1.0,), multiple: int = 1):
+  """Inference logits of `images`, averaged over test-time flips and scales.
+
+  The one place test-time augmentation is defined (evaluation, calibration and the export all
+  call it). `flip` also averages each scale with its mirror image. For every scale s other than
+  1 the images are resized to round(s * size) (bilinear, antialiased when shrinking), padded
+  at the bottom and right by mirroring up to `multiple` (the model's stride, size_multiple),
+  and their logits are cropped and resized back to the input size; the scales' logits are then
+  averaged. Scales other than 1 need a model built with any_size and images of static height
+  and width.
+  """
+  scales = tuple(float(s) for s in scales)
+  if scales == (1.0,):
+    return _flip_averaged(model, images, flip)
+  height, width = int(images.shape[1]), int(images.shape[2])
+  total = None
+  for scale in scales:
+    h, w = max(1, round(height * scale)), max(1, round(width * scale))
+    x = images
+    if (h, w) != (height, width):
+      x = tf.image.resize(images, (h, w), method='bilinear', antialias=scale < 1)
+    pad_h, pad_w = -h % multiple, -w % multiple
+    if pad_h or pad_w:
+      # Mirrored content rather than zeros: black borders are not a scene the model has seen.
+      x = tf.pad(x, [[0, 0], [0, pad_h], [0, pad_w], [0, 0]], mode='SYMMETRIC')
+    logits = _flip_averaged(model, x, flip)[:, :h, :w]
+    if (h, w) != (height, width):
+      logits = tf.image.resize(logits, (height, width), method='bilinear')
+    total = logits if total is None else total + logits
+  return total / len(scales)

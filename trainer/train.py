@@ -52,7 +52,8 @@ RESUMABLE_CHANGES = frozenset({
     'epochs', 'strategy', 'mixed_precision', 'peer_timeout_seconds', 'jit_compile',
     'steps_per_loop', 'backup_every_steps', 'num_summary_images', 'profile_steps',
     'cache_decoded_mb', 'shuffle_buffer', 'eval_batch_size', 'eval_every_epochs',
-    'early_stopping_patience', 'early_stopping_min_delta', 'eval_flip', 'logit_adjustment',
+    'early_stopping_patience', 'early_stopping_min_delta', 'eval_flip', 'eval_scales',
+    'logit_adjustment',
     'calibration_split'})
 
 
@@ -77,10 +78,16 @@ def build_model(config: configs.Config, num_classes: int, training: bool = False
                               dropout=config.dropout,
                               sync_batchnorm=config.sync_batchnorm and not fused,
                               fused_batchnorm=fused,
-                              any_size=training and config.crop_size is not None,
+                              any_size=((training and config.crop_size is not None) or
+                                        config.eval_scales != (1.0,)),
                               bn_momentum=config.bn_momentum, stem_stride=config.stem_stride,
                               residual=config.residual, refine_filters=config.refine_filters,
-                              bottleneck_filters=config.bottleneck_filters)
+                              bottleneck_filters=config.bottleneck_filters,
+                              subpixel_logits=config.subpixel_logits)
+
+
+def size_multiple(config: configs.Config) -> int:
+  return model_lib.size_multiple(config.stem_stride, config.depth)
 
 
 def class_weights_for(config: configs.Config, manifest) -> np.ndarray | None:
@@ -195,7 +202,8 @@ def make_steps(model, optimizer, strategy, config, num_classes, class_weights,
     return totals
 
   def eval_step(batch):
-    logits = model_lib.predict_logits(model, batch['image'], config.eval_flip)
+    logits = model_lib.predict_logits(model, batch['image'], config.eval_flip,
+                                      config.eval_scales, size_multiple(config))
     # Metrics at label resolution: predictions go up, labels never down.
     logits = tf.image.resize(logits, tf.shape(batch['mask'])[1:3], method='bilinear')
     valid = tf.cast(batch['valid'], tf.float32)
@@ -552,6 +560,7 @@ def finish(config, manifest, model_dir: str, best_dir: str, runtime, log,
   export_lib.export_model(model, f'{model_dir}/export', image_size=config.image_size,
                           class_names=manifest.class_names, class_colors=manifest.class_colors,
                           ignore_label=manifest.ignore_label, flip=config.eval_flip,
+                          scales=config.eval_scales, multiple=size_multiple(config),
                           logit_bias=steps.prediction_bias)
   log(f'exported to {model_dir}/export')
   return result

@@ -23,6 +23,8 @@ class Config:
   residual: bool = False  # Residual second conv block in every level (model.py).
   # With the stem: filters of a full-resolution refinement of the upsampled logits; 0 = off.
   refine_filters: int = 0
+  # With the stem: a learned sub-pixel correction of the upsampled logits (model.py).
+  subpixel_logits: bool = False
   # Batch statistics over the global batch: multi-replica runs then train the same model as one
   # device with the global batch, and every replica holds the same moving statistics (so the
   # distributed evaluation and the exported model agree). Costs one all-reduce per BN layer.
@@ -97,6 +99,9 @@ class Config:
   early_stopping_min_delta: float = 0.0
   # Evaluation.
   eval_flip: bool = False  # Test-time horizontal flip averaging (also baked into the export).
+  # Test-time scales: logits of the frame resized to image_size * s, averaged over the scales
+  # (model.predict_logits; also in calibration and the export). (1.0,) = image_size only.
+  eval_scales: tuple[float, ...] = (1.0,)
   eval_batch_size: int | None = None  # Global; None = batch_size.
   eval_every_epochs: int = 1  # Validate after every n-th epoch and after the last.
   # Runtime.
@@ -134,10 +139,13 @@ def _coerce(name: str, value):
   base = next(a for a in typing.get_args(hint) if a is not type(None)) if optional else hint
   origin = typing.get_origin(base) or base
   if origin is tuple:
-    if not isinstance(value, (list, tuple)) or len(value) != len(typing.get_args(base)):
-      raise ValueError(f'{name}: expected a list of {len(typing.get_args(base))} values, '
-                       f'got {value!r}')
-    return tuple(_coerce_scalar(name, typing.get_args(base)[0], v) for v in value)
+    args = typing.get_args(base)
+    if args[-1] is Ellipsis:  # tuple[float, ...]: one or more values.
+      if not isinstance(value, (list, tuple)) or not value:
+        raise ValueError(f'{name}: expected a list of one or more values, got {value!r}')
+    elif not isinstance(value, (list, tuple)) or len(value) != len(args):
+      raise ValueError(f'{name}: expected a list of {len(args)} values, got {value!r}')
+    return tuple(_coerce_scalar(name, args[0], v) for v in value)
   return _coerce_scalar(name, origin, value)
 
 
@@ -215,6 +223,7 @@ def validate(config: Config) -> None:
       # Smoothing is defined for the cross-entropy only (losses.pixel_loss_sum).
       'label_smoothing': 0 <= config.label_smoothing < 1 and (config.label_smoothing == 0 or
                                                                config.loss == 'ce'),
+      'subpixel_logits': not config.subpixel_logits or config.stem_stride == 2,
       'refine_filters': config.refine_filters == 0 or (config.refine_filters > 0 and
                                                        config.stem_stride == 2),
       'logit_adjustment': 0 <= config.logit_adjustment <= 1,
@@ -232,6 +241,10 @@ def validate(config: Config) -> None:
       'brightness': 0 <= config.brightness <= 1, 'contrast': 0 <= config.contrast <= 1,
       'saturation': 0 <= config.saturation <= 1,
       'num_summary_images': config.num_summary_images >= 0,
+      # Every scaled frame must still fill at least one stride of the model.
+      'eval_scales': bool(config.eval_scales) and all(
+          0 < s <= 4 and round(min(config.image_size) * s) >= stride
+          for s in config.eval_scales),
       'profile_steps': (config.profile_steps is None or
                         0 <= config.profile_steps[0] <= config.profile_steps[1]),
   }
