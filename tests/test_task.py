@@ -169,7 +169,7 @@ def test_summary_only_prints_the_keras_summary():
     (('--hparams_file', '{hparams}'), 'unknown keys dropuot'),
     (('--batch_size', '0'), 'batch_size: 0 is out of range'),
     (('--hparams_file', '{calibration}'), 'no split "tset" (has: '),
-    (('--hparams_file', '{refine}'), 'refine_filters: 4 is out of range'),  # Needs the stem.
+    (('--hparams_file', '{refine}'), 'refine_filters: 4 needs stem_stride 2, not stem_stride 1'),
 ])
 def test_bad_input_fails_before_training(smoke_data, tmp_path, args, message):
   (tmp_path / 'empty').mkdir()

@@ -5,12 +5,12 @@
   model.keras   The Keras model (`keras.models.load_model` reloads it; plain layers only, so no
                 custom objects are needed). For fine-tuning, evaluation or re-export.
   serving/      A TF SavedModel whose `serving_default` signature maps encoded PNG/JPEG bytes to
-                per-pixel class ids at the input resolution, with decoding, scaling, resizing and
-                optional flip and scale averaging and logit bias inside the graph. For TF Serving and
-                `trainer.predict`.
+                per-pixel class ids at the input resolution, with decoding, scaling, resizing,
+                optional flip and scale averaging and logit bias inside the graph. For TF
+                Serving and `trainer.predict`.
   labels.json   Class names and colours, the void label, the model's input size, whether the
-                flip is baked in, the test-time scales and the baked-in logit bias (null if none). Written last: it
-                marks the export as complete.
+                flip is baked in, the test-time scales and the baked-in logit bias (null if
+                none). Written last: it marks the export as complete.
 
 An existing labels.json is removed before anything is replaced, model.keras is written under a
 temporary name and renamed, serving/ is written in place (see export_model) and labels.json

@@ -220,12 +220,8 @@ def validate(config: Config) -> None:
       'dice_weight': config.dice_weight >= 0,
       'ohem_threshold': 0 <= config.ohem_threshold < 1,
       'ohem_min_kept': 0 < config.ohem_min_kept <= 1,
-      # Smoothing is defined for the cross-entropy only (losses.pixel_loss_sum).
-      'label_smoothing': 0 <= config.label_smoothing < 1 and (config.label_smoothing == 0 or
-                                                               config.loss == 'ce'),
-      'subpixel_logits': not config.subpixel_logits or config.stem_stride == 2,
-      'refine_filters': config.refine_filters == 0 or (config.refine_filters > 0 and
-                                                       config.stem_stride == 2),
+      'label_smoothing': 0 <= config.label_smoothing < 1,
+      'refine_filters': config.refine_filters >= 0,
       'logit_adjustment': 0 <= config.logit_adjustment <= 1,
       'calibration_split': config.calibration_split is None or bool(config.calibration_split),
       'weight_decay': config.weight_decay >= 0,
@@ -251,3 +247,15 @@ def validate(config: Config) -> None:
   for name, ok in checks.items():
     if not ok:
       raise ValueError(f'{name}: {getattr(config, name)!r} is out of range')
+  # Values that are fine alone but not with another field's: the message names both.
+  stem = f'stem_stride {config.stem_stride}'
+  for name, ok, needs, got in (
+      # Smoothing is defined for the cross-entropy only (losses.pixel_loss_sum).
+      ('label_smoothing', config.label_smoothing == 0 or config.loss == 'ce', "loss 'ce'",
+       f'loss {config.loss!r}'),
+      ('refine_filters', config.refine_filters == 0 or config.stem_stride == 2, 'stem_stride 2',
+       stem),
+      ('subpixel_logits', not config.subpixel_logits or config.stem_stride == 2,
+       'stem_stride 2', stem)):
+    if not ok:
+      raise ValueError(f'{name}: {getattr(config, name)!r} needs {needs}, not {got}')
