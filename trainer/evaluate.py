@@ -116,10 +116,14 @@ def evaluate_model_dir(model_dir: str, data_dir: str, split: str,
 def _with_scales(config, eval_scales):
   from trainer import configs  # pylint: disable=g-import-not-at-top
   try:
+    # Its errors already start with the source, '--eval_scales: '.
     config = configs.override(config, {'eval_scales': list(eval_scales)}, '--eval_scales')
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  try:
     configs.validate(config)
   except ValueError as e:
-    raise ConfigError(str(e) if str(e).startswith('--') else f'--eval_scales: {e}') from None
+    raise ConfigError(f'--eval_scales: {e}') from None
   return config
 
 

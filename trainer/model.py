@@ -161,7 +161,7 @@ def build_unet(num_classes: int,
   if len(image_size) != 2:
     raise ValueError(f'image_size must be (height, width), got {image_size!r}')
   height, width = (int(s) for s in image_size)
-  stride = stem_stride * 2**depth
+  stride = size_multiple(stem_stride, depth)
   if height <= 0 or width <= 0 or height % stride or width % stride:
     raise ValueError(f'image_size {tuple(image_size)} must be positive and divisible by '
                      f'stem_stride * 2**depth = {stride}')

@@ -53,8 +53,7 @@ RESUMABLE_CHANGES = frozenset({
     'steps_per_loop', 'backup_every_steps', 'num_summary_images', 'profile_steps',
     'cache_decoded_mb', 'shuffle_buffer', 'eval_batch_size', 'eval_every_epochs',
     'early_stopping_patience', 'early_stopping_min_delta', 'eval_flip', 'eval_scales',
-    'logit_adjustment',
-    'calibration_split'})
+    'logit_adjustment', 'calibration_split'})
 
 
 class Preempted(Exception):
