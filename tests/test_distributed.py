@@ -73,8 +73,11 @@ def _checksum(stdout):
 @pytest.mark.multiprocess
 def test_multi_worker_end_to_end(smoke_data, tmp_path):
   model_dir = tmp_path / 'model'
+  # With the weights' moving average on: each worker swaps it in and out for validation.
+  hparams = tmp_path / 'hp.json'
+  hparams.write_text(json.dumps({'ema_momentum': 0.9}))
   procs = _start_workers(['-m', 'trainer.task', *SMOKE, '--data_dir', smoke_data, '--model_dir',
-                          model_dir])
+                          model_dir, '--hparams_file', hparams])
   (rc0, out0, err0), (rc1, out1, err1) = _finish(procs)
   assert rc0 == 0, err0[-3000:]
   assert rc1 == 0, err1[-3000:]
@@ -88,7 +91,8 @@ def test_multi_worker_end_to_end(smoke_data, tmp_path):
   config = json.loads((model_dir / 'config.json').read_text())
   assert config['strategy_used'] == 'multi_worker' and config['num_workers'] == 2
   assert _history_epochs(model_dir) == ['0', '1']
-  # With synchronized BatchNorm the chief's final evaluation reproduces the distributed one.
+  # With synchronized BatchNorm the chief's final evaluation (of best/, the averaged weights)
+  # reproduces the distributed one.
   metrics = json.loads((model_dir / 'metrics.json').read_text())
   best_line = next(l for l in out0.splitlines() if l.startswith('best checkpoint'))
   assert f'val mIoU {metrics["mean_iou"]:.4f}' in best_line
@@ -166,14 +170,17 @@ def test_unreachable_peer_fails_within_the_timeout(smoke_data, tmp_path):
 @pytest.mark.multiprocess
 def test_mirrored_on_two_logical_cpus_and_bfloat16(smoke_data, tmp_path):
   model_dir = tmp_path / 'model'
+  hparams = tmp_path / 'hp.json'
+  hparams.write_text(json.dumps({'ema_momentum': 0.9}))
   proc = run_module('trainer.task', *SMOKE, '--data_dir', smoke_data, '--model_dir', model_dir,
                     '--logical_cpu_devices', '2', '--strategy', 'mirrored',
-                    '--mixed_precision', 'mixed_bfloat16')
+                    '--mixed_precision', 'mixed_bfloat16', '--hparams_file', hparams)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert 'strategy=mirrored replicas=2' in proc.stdout
   assert 'per replica 2' in proc.stdout
   config = json.loads((model_dir / 'config.json').read_text())
   assert config['resolved_precision'] == 'mixed_bfloat16' and config['num_replicas'] == 2
+  assert config['ema_momentum'] == 0.9
   metrics = json.loads((model_dir / 'metrics.json').read_text())
   assert metrics['num_examples'] == 6
 

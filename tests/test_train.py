@@ -52,3 +52,53 @@ def test_training_model_fuses_batchnorm_on_one_replica(tmp_path):
   tf.train.Checkpoint(model=plain).read(path).assert_existing_objects_matched()
   for a, b in zip(training.weights, plain.weights):
     np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+def test_averaged_weights_holds_the_hand_computed_moving_average():
+  """With ema_momentum the block sees Keras' EMA of the weights; afterwards the raw ones."""
+  config = configs.get_config('smoke').replace(ema_momentum=0.5, lr_schedule='constant',
+                                               warmup_epochs=0.0, optimizer='sgd')
+  model = tf.keras.Sequential([tf.keras.Input((3,)), tf.keras.layers.Dense(2)])
+  optimizer = train.make_optimizer(config, total_steps=10, steps_per_epoch=5)
+  optimizer.build(model.trainable_variables)
+  rng = np.random.default_rng(0)
+  average = None
+  for _ in range(3):
+    optimizer.apply_gradients(
+        [(tf.constant(rng.normal(size=v.shape), tf.float32), v)
+         for v in model.trainable_variables])
+    now = [v.numpy() for v in model.trainable_variables]
+    # Keras starts the average at the first step's weights, then mixes in each step's.
+    average = now if average is None else [0.5 * a + 0.5 * w for a, w in zip(average, now)]
+  with train.averaged_weights(optimizer):
+    for v, a in zip(model.trainable_variables, average):
+      np.testing.assert_allclose(v.numpy(), a, rtol=1e-6, atol=1e-6)
+  assert not all(np.allclose(a, w) for a, w in zip(average, now))
+  for v, w in zip(model.trainable_variables, now):
+    np.testing.assert_allclose(v.numpy(), w, rtol=1e-6, atol=1e-6)  # Swapped back (+-, rounding).
+  # Off (the default) the block leaves the weights alone.
+  plain = train.make_optimizer(config.replace(ema_momentum=0.0), 10, 5)
+  plain.build(model.trainable_variables)
+  with train.averaged_weights(plain):
+    for v, w in zip(model.trainable_variables, now):
+      np.testing.assert_allclose(v.numpy(), w, rtol=1e-6, atol=1e-6)
+
+
+def test_ema_run_validates_and_keeps_the_averaged_weights(smoke_data, tmp_path):
+  """best/ (and so metrics.json and the export) holds the EMA, the backup the raw weights."""
+  from tfrecords_builder import manifest as manifest_lib  # pylint: disable=g-import-not-at-top
+  config = configs.get_config('smoke').replace(ema_momentum=0.9, epochs=2, eval_every_epochs=2)
+  result = train.run(config, str(smoke_data), str(tmp_path), export=False, log=lambda *_: None)
+  num_classes = manifest_lib.read(str(smoke_data)).num_classes
+  model = train.build_model(config, num_classes, training=True)
+  optimizer = train.make_optimizer(config, total_steps=12, steps_per_epoch=6)
+  optimizer.build(model.trainable_variables)
+  tf.train.Checkpoint(model=model, optimizer=optimizer).read(
+      tf.train.latest_checkpoint(str(tmp_path / 'checkpoints'))).expect_partial()
+  raw = [v.numpy() for v in model.trainable_variables]
+  best = train.build_model(config, num_classes)
+  tf.train.Checkpoint(model=best).read(result['checkpoint']).expect_partial()
+  with train.averaged_weights(optimizer):
+    for v, b in zip(model.trainable_variables, best.trainable_variables):
+      np.testing.assert_array_equal(v.numpy(), b.numpy())
+  assert not all(np.array_equal(r, b.numpy()) for r, b in zip(raw, best.trainable_variables))

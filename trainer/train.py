@@ -17,6 +17,7 @@ model_dir layout:
   metrics.json           evaluation of the best checkpoint on val
 """
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -24,6 +25,7 @@ import math
 import signal
 import threading
 import time
+import types
 
 import keras
 import numpy as np
@@ -114,6 +116,8 @@ def make_optimizer(config: configs.Config, total_steps: int,
   else:
     schedule = peak
   common = {'learning_rate': schedule, 'clipnorm': config.clipnorm}
+  if config.ema_momentum:
+    common.update(use_ema=True, ema_momentum=config.ema_momentum)
   if config.optimizer == 'adamw':
     optimizer = keras.optimizers.AdamW(weight_decay=config.weight_decay, **common)
     # Decaying BatchNorm scales/offsets and biases only fights the normalisation.
@@ -125,6 +129,26 @@ def make_optimizer(config: configs.Config, total_steps: int,
   if keras.mixed_precision.global_policy().name == 'mixed_float16':
     optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
   return optimizer
+
+
+@contextlib.contextmanager
+def averaged_weights(optimizer, enabled: bool = True):
+  """Holds the optimizer's moving average of the weights in the model for the block (use_ema).
+
+  Keras' SwapEMAWeights does the swap (in place, per replica, no collective); it only reads
+  the `.optimizer` of what it is given, and this loop has no compiled model to give it.
+  """
+  inner = getattr(optimizer, 'inner_optimizer', optimizer)
+  if not (enabled and getattr(inner, 'use_ema', False)):
+    yield
+    return
+  swap = keras.callbacks.SwapEMAWeights()
+  swap.set_model(types.SimpleNamespace(optimizer=optimizer))
+  swap.on_test_begin()
+  try:
+    yield
+  finally:
+    swap.on_test_end()
 
 
 def current_learning_rate(optimizer) -> float:
@@ -459,8 +483,21 @@ def run(config: configs.Config, data_dir: str, model_dir: str, *,
       train_result = {'loss': float(totals[0] / max(totals[1], 1e-6))}
       train_result.update(metrics_lib.compute_metrics(totals[2], class_names))
       validate = (epoch + 1) % config.eval_every_epochs == 0 or epoch + 1 == config.epochs
-      val_result = (evaluate(steps, runtime, manifest, 'val', config, class_names) if validate
-                    else {'loss': None, 'pixel_accuracy': None, 'mean_iou': None})
+      # Validation, its overlays and best/ see the averaged weights when use_ema is on.
+      with averaged_weights(optimizer, validate):
+        val_result = (evaluate(steps, runtime, manifest, 'val', config, class_names) if validate
+                      else {'loss': None, 'pixel_accuracy': None, 'mean_iou': None})
+        if fixed_frames and validate:
+          images = np.stack([f['image'] for f in fixed_frames])
+          logits = np.asarray(model(images, training=False))
+          if steps.prediction_bias is not None:
+            logits = logits + steps.prediction_bias
+          summaries.overlays(epoch, fixed_frames, list(np.argmax(logits, -1)))
+        if validate and ((val_result['mean_iou'] or 0.0) >
+                         float(best_miou) + config.early_stopping_min_delta):
+          best_miou.assign(val_result['mean_iou'])
+          best_epoch.assign(epoch)
+          save(best_manager)
       seconds = time.perf_counter() - started
       lr = current_learning_rate(optimizer)
       images_per_s = (step - start_step) * config.batch_size / max(train_seconds, 1e-9)
@@ -471,15 +508,9 @@ def run(config: configs.Config, data_dir: str, model_dir: str, *,
       log(message + f' (train {train_seconds:.1f} s, {images_per_s:.1f} img/s'
           + (f'; val {seconds - train_seconds:.1f} s)' if validate else ')'))
       summaries.epoch(epoch, train_result, val_result if validate else None, lr)
-      if fixed_frames and validate:
-        images = np.stack([f['image'] for f in fixed_frames])
-        logits = np.asarray(model(images, training=False))
-        if steps.prediction_bias is not None:
-          logits = logits + steps.prediction_bias
-        summaries.overlays(epoch, fixed_frames, list(np.argmax(logits, -1)))
       summaries.flush()
-      # The history row goes first: a crash before the checkpoint below makes the epoch rerun
-      # and its row be replaced, never duplicated or lost.
+      # The history row goes before the backup below: a crash between them makes the epoch
+      # rerun and its row be replaced, never duplicated or lost.
       rows = history_lib.completed(rows, epoch) + [{
           'epoch': epoch, 'train_loss': train_result['loss'],
           'train_pixel_accuracy': train_result['pixel_accuracy'],
@@ -489,11 +520,6 @@ def run(config: configs.Config, data_dir: str, model_dir: str, *,
           'seconds': round(seconds, 2), 'train_images_per_s': round(images_per_s, 2)}]
       if runtime.is_chief:
         history_lib.write(history_path, rows)
-      if validate and ((val_result['mean_iou'] or 0.0) >
-                       float(best_miou) + config.early_stopping_min_delta):
-        best_miou.assign(val_result['mean_iou'])
-        best_epoch.assign(epoch)
-        save(best_manager)
       patience = config.early_stopping_patience
       if patience and epoch - int(best_epoch) >= patience:
         stopped.assign(True)

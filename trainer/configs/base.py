@@ -62,6 +62,10 @@ class Config:
   lr_schedule: str = 'cosine'  # cosine | constant
   warmup_epochs: float = 1.0
   clipnorm: float | None = None
+  # Validate, keep as best/ and export an exponential moving average of the weights (Keras'
+  # optimizer use_ema, updated every step) instead of the weights themselves; training still
+  # steps the raw weights. 0 = off; 0.999 averages over about the last 1,000 steps.
+  ema_momentum: float = 0.0
   # Loss (trainer/losses.py).
   loss: str = 'ce'  # ce | focal
   focal_gamma: float = 2.0
@@ -225,6 +229,7 @@ def validate(config: Config) -> None:
       'logit_adjustment': 0 <= config.logit_adjustment <= 1,
       'calibration_split': config.calibration_split is None or bool(config.calibration_split),
       'weight_decay': config.weight_decay >= 0,
+      'ema_momentum': 0 <= config.ema_momentum < 1,
       'focal_gamma': config.focal_gamma >= 0,
       'max_class_weight': config.max_class_weight is None or config.max_class_weight > 0,
       'clipnorm': config.clipnorm is None or config.clipnorm > 0,
