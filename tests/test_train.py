@@ -85,20 +85,56 @@ def test_averaged_weights_holds_the_hand_computed_moving_average():
 
 
 def test_ema_run_validates_and_keeps_the_averaged_weights(smoke_data, tmp_path):
-  """best/ (and so metrics.json and the export) holds the EMA, the backup the raw weights."""
+  """best/ (and so metrics.json and the export) holds the EMA, the backup the raw weights.
+
+  The run also trains deep-supervision heads, which the backup holds and best/ does not.
+  """
   from tfrecords_builder import manifest as manifest_lib  # pylint: disable=g-import-not-at-top
-  config = configs.get_config('smoke').replace(ema_momentum=0.9, epochs=2, eval_every_epochs=2)
+  config = configs.get_config('smoke').replace(ema_momentum=0.9, epochs=2, eval_every_epochs=2,
+                                               aux_loss_weight=0.4)
   result = train.run(config, str(smoke_data), str(tmp_path), export=False, log=lambda *_: None)
   num_classes = manifest_lib.read(str(smoke_data)).num_classes
   model = train.build_model(config, num_classes, training=True)
+  train_model = model_lib.with_auxiliary_heads(model, num_classes, config.depth)
   optimizer = train.make_optimizer(config, total_steps=12, steps_per_epoch=6)
-  optimizer.build(model.trainable_variables)
-  tf.train.Checkpoint(model=model, optimizer=optimizer).read(
-      tf.train.latest_checkpoint(str(tmp_path / 'checkpoints'))).expect_partial()
+  optimizer.build(train_model.trainable_variables)
+  tf.train.Checkpoint(model=model, optimizer=optimizer, train_model=train_model).read(
+      tf.train.latest_checkpoint(str(tmp_path / 'checkpoints'))).assert_existing_objects_matched()
   raw = [v.numpy() for v in model.trainable_variables]
   best = train.build_model(config, num_classes)
-  tf.train.Checkpoint(model=best).read(result['checkpoint']).expect_partial()
+  tf.train.Checkpoint(model=best).read(result['checkpoint']).assert_existing_objects_matched()
+  assert not any('aux' in layer.name for layer in best.layers)
   with train.averaged_weights(optimizer):
     for v, b in zip(model.trainable_variables, best.trainable_variables):
       np.testing.assert_array_equal(v.numpy(), b.numpy())
   assert not all(np.array_equal(r, b.numpy()) for r, b in zip(raw, best.trainable_variables))
+
+
+def test_deep_supervision_adds_the_weighted_head_losses():
+  """The train loss is the main cross-entropy plus aux_loss_weight times the heads' mean."""
+  config = configs.get_config('smoke').replace(image_size=(16, 16), aux_loss_weight=0.4,
+                                               depth=3, warmup_epochs=0.0)
+  tf.keras.utils.set_random_seed(2)
+  model = train.build_model(config, NUM_CLASSES, training=True)
+  train_model = model_lib.with_auxiliary_heads(model, NUM_CLASSES, config.depth)
+  assert [o.shape[1] for o in train_model.outputs] == [16, 4, 8]  # Main, dec1, dec2.
+  optimizer = train.make_optimizer(config, total_steps=10, steps_per_epoch=5)
+  optimizer.build(train_model.trainable_variables)
+  rng = np.random.default_rng(0)
+  batch = {'image': rng.random((2, 16, 16, 3), dtype=np.float32),
+           'mask': rng.integers(0, NUM_CLASSES, (2, 16, 16)).astype(np.int32)}
+
+  def cross_entropy(logits):
+    logits = tf.image.resize(logits, (16, 16), method='bilinear').numpy().astype(np.float64)
+    log_p = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    return -np.take_along_axis(log_p, batch['mask'][..., None], -1).mean()
+
+  main, *heads = train_model(batch['image'], training=True)
+  expected = cross_entropy(main) + 0.4 * np.mean([cross_entropy(h) for h in heads])
+  head = train_model.get_layer('aux1_logits').kernel.numpy()
+  steps = train.make_steps(model, optimizer, tf.distribute.get_strategy(), config, NUM_CLASSES,
+                           None, train_model=train_model)
+  loss_sum, weight_sum, _ = steps.train(iter(tf.data.Dataset.from_tensors(batch).repeat()),
+                                        tf.constant(1))
+  np.testing.assert_allclose(float(loss_sum / weight_sum), expected, rtol=1e-4)
+  assert not np.array_equal(head, train_model.get_layer('aux1_logits').kernel.numpy())

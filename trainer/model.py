@@ -233,6 +233,19 @@ def build_unet(num_classes: int,
   return keras.Model(inputs, logits, name=name)
 
 
+def with_auxiliary_heads(model: keras.Model, num_classes: int, depth: int) -> keras.Model:
+  """`model` plus deep-supervision outputs: [logits, aux_1, ..., aux_{depth-1}].
+
+  aux_l is a 1x1 convolution to class logits of decoder level l's output (1/2**(depth-l) of
+  the last decoder level's resolution; Lee et al. 2015, "Deeply-Supervised Nets"). The
+  returned model shares every layer (and so every weight) of `model`; only the heads are new,
+  so `model` alone still predicts, checkpoints and exports as before.
+  """
+  heads = [keras.layers.Conv2D(num_classes, 1, dtype='float32', name=f'aux{level}_logits')(
+      model.get_layer(f'dec{level}_relu2').output) for level in range(1, depth)]
+  return keras.Model(model.input, [model.output, *heads], name=f'{model.name}_aux')
+
+
 def size_multiple(stem_stride: int, depth: int) -> int:
   """The multiple every input height and width must be (build_unet's stride)."""
   return stem_stride * 2**depth

@@ -168,11 +168,12 @@ class Steps:
 
 
 def make_steps(model, optimizer, strategy, config, num_classes, class_weights,
-               prediction_bias: np.ndarray | None = None) -> Steps:
+               prediction_bias: np.ndarray | None = None, train_model=None) -> Steps:
   """Builds the distributed train loop, eval loop and a cross-worker flag agreement.
 
   Predictions add `prediction_bias` (e.g. a fitted calibration) to the logits, by default the
-  config's logit adjustment.
+  config's logit adjustment. `train_model` (model.with_auxiliary_heads of `model`, for
+  aux_loss_weight) is what training steps; evaluation always runs `model`.
   """
   loss_kw = {'class_weights': class_weights, 'loss_type': config.loss,
              'focal_gamma': config.focal_gamma}
@@ -187,7 +188,10 @@ def make_steps(model, optimizer, strategy, config, num_classes, class_weights,
 
   def train_step(batch):
     with tf.GradientTape() as tape:
-      logits = model(batch['image'], training=True)
+      if train_model is None:
+        logits, aux_logits = model(batch['image'], training=True), []
+      else:
+        logits, *aux_logits = train_model(batch['image'], training=True)
       # One log-softmax shared by the pixel loss and the set-level terms below.
       log_probs = losses.log_probabilities(logits)
       loss_sum, weight_sum = losses.pixel_loss_sum(
@@ -206,9 +210,19 @@ def make_steps(model, optimizer, strategy, config, num_classes, class_weights,
           extra = weight * term(batch['mask'], log_probs, normalized=True)
           loss += extra / context.num_replicas_in_sync
           loss_sum += extra * weight_sum
+      # Deep supervision: the mean of the heads' pixel losses, at the crop's resolution, with
+      # the same pixel weights and normalisation as the main loss.
+      for aux in aux_logits:
+        aux = tf.image.resize(aux, tf.shape(logits)[1:3], method='bilinear')
+        aux_sum, _ = losses.pixel_loss_sum(batch['mask'], losses.log_probabilities(aux),
+                                           normalized=True, **loss_kw)
+        aux_sum *= config.aux_loss_weight / len(aux_logits)
+        loss += aux_sum / tf.maximum(global_weight, 1e-6)
+        loss_sum += aux_sum
       scaled = optimizer.scale_loss(loss) if scale_loss else loss
-    grads = tape.gradient(scaled, model.trainable_variables)
-    optimizer.apply_gradients(zip(grads, model.trainable_variables))
+    variables = (train_model or model).trainable_variables
+    grads = tape.gradient(scaled, variables)
+    optimizer.apply_gradients(zip(grads, variables))
     predictions = predict(logits)
     cm = metrics_lib.confusion_matrix(batch['mask'], predictions, num_classes)
     return loss_sum, weight_sum, cm
@@ -407,8 +421,11 @@ def run(config: configs.Config, data_dir: str, model_dir: str, *,
 
   with strategy.scope():
     model = build_model(config, num_classes, training=True)
+    # Deep supervision's heads live only here: best/ and the export hold `model` alone.
+    train_model = (model_lib.with_auxiliary_heads(model, num_classes, config.depth)
+                   if config.aux_loss_weight else None)
     optimizer = make_optimizer(config, total_steps, steps_per_epoch)
-    optimizer.build(model.trainable_variables)
+    optimizer.build((train_model or model).trainable_variables)
   # Bookkeeping only the Python loop reads: plain variables, identical on every worker.
   epoch_var = tf.Variable(0, dtype=tf.int64, trainable=False, name='epoch')
   step_in_epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name='step_in_epoch')
@@ -417,7 +434,8 @@ def run(config: configs.Config, data_dir: str, model_dir: str, *,
   stopped = tf.Variable(False, trainable=False, name='stopped_early')
   checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, epoch=epoch_var,
                                    step_in_epoch=step_in_epoch, best_miou=best_miou,
-                                   best_epoch=best_epoch, stopped_early=stopped)
+                                   best_epoch=best_epoch, stopped_early=stopped,
+                                   **({'train_model': train_model} if train_model else {}))
   log_dir = (log_dir or f'{model_dir}/logs').rstrip('/')
   if latest:
     checkpoint.restore(latest).assert_existing_objects_matched()
@@ -442,7 +460,8 @@ def run(config: configs.Config, data_dir: str, model_dir: str, *,
   # Every worker predicts the fixed frames (reading BatchNorm's sync-on-read statistics is a
   # collective under MultiWorkerMirroredStrategy); only the chief's summaries writer records them.
   fixed_frames = data.first_examples(manifest, 'val', config, config.num_summary_images)
-  steps = make_steps(model, optimizer, strategy, config, num_classes, class_weights)
+  steps = make_steps(model, optimizer, strategy, config, num_classes, class_weights,
+                     train_model=train_model)
   train_input = data.TrainInput(manifest, config)
   cached = train_input.caches(runtime.num_workers)
   log(f'train frames: {"decoded once, kept in memory" if cached else "decoded every epoch"} '

@@ -86,6 +86,10 @@ class Config:
   # overlap surrogate nnU-Net adds to cross-entropy; a softmax and a few sums, no sort) added
   # the same way; 0 = off.
   dice_weight: float = 0.0
+  # Deep supervision: this weight times the mean cross-entropy (same class weights) of 1x1-conv
+  # logits of every decoder level but the last, upsampled bilinearly to the crop, is added to
+  # the training loss (model.with_auxiliary_heads); the heads exist only in training. 0 = off.
+  aux_loss_weight: float = 0.0
   # Inference adds -logit_adjustment * log(class weight) to the logits before the argmax
   # (validation, metrics, TensorBoard overlays, the export). Class-weighted training shifts the
   # model's scores by about +log(weight) per class (Menon et al. 2021, "Long-tail learning via
@@ -222,6 +226,7 @@ def validate(config: Config) -> None:
       'early_stopping_min_delta': 0 <= config.early_stopping_min_delta < 1,
       'lovasz_weight': config.lovasz_weight >= 0,
       'dice_weight': config.dice_weight >= 0,
+      'aux_loss_weight': config.aux_loss_weight >= 0,
       'ohem_threshold': 0 <= config.ohem_threshold < 1,
       'ohem_min_kept': 0 < config.ohem_min_kept <= 1,
       'label_smoothing': 0 <= config.label_smoothing < 1,
@@ -261,6 +266,9 @@ def validate(config: Config) -> None:
       ('refine_filters', config.refine_filters == 0 or config.stem_stride == 2, 'stem_stride 2',
        stem),
       ('subpixel_logits', not config.subpixel_logits or config.stem_stride == 2,
-       'stem_stride 2', stem)):
+       'stem_stride 2', stem),
+      # The heads sit on every decoder level but the last.
+      ('aux_loss_weight', config.aux_loss_weight == 0 or config.depth >= 2, 'depth >= 2',
+       f'depth {config.depth}')):
     if not ok:
       raise ValueError(f'{name}: {getattr(config, name)!r} needs {needs}, not {got}')
