@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from trainer import configs, losses, train
+from trainer import averaging, configs, losses, train
 from trainer import model as model_lib
 
 NUM_CLASSES = 4
@@ -54,38 +54,33 @@ def test_training_model_fuses_batchnorm_on_one_replica(tmp_path):
     np.testing.assert_array_equal(a.numpy(), b.numpy())
 
 
-def test_averaged_weights_holds_the_hand_computed_moving_average():
-  """With ema_momentum the block sees Keras' EMA of the weights; afterwards the raw ones."""
-  config = configs.get_config('smoke').replace(ema_momentum=0.5, lr_schedule='constant',
-                                               warmup_epochs=0.0, optimizer='sgd')
-  model = tf.keras.Sequential([tf.keras.Input((3,)), tf.keras.layers.Dense(2)])
-  optimizer = train.make_optimizer(config, total_steps=10, steps_per_epoch=5)
-  optimizer.build(model.trainable_variables)
+def test_weight_average_covers_batchnorm_statistics_and_swaps_exactly():
+  """The average is the hand-computed EMA (with its warm-up) of every weight, BN stats too."""
+  model = tf.keras.Sequential([tf.keras.Input((3,)), tf.keras.layers.Dense(2),
+                               tf.keras.layers.BatchNormalization()])
+  average = averaging.WeightAverage(model, momentum=0.5)
+  expected = [w.numpy() for w in model.weights]
+  assert len(expected) == 6  # Kernel, bias, gamma, beta, moving mean and variance.
   rng = np.random.default_rng(0)
-  average = None
-  for _ in range(3):
-    optimizer.apply_gradients(
-        [(tf.constant(rng.normal(size=v.shape), tf.float32), v)
-         for v in model.trainable_variables])
-    now = [v.numpy() for v in model.trainable_variables]
-    # Keras starts the average at the first step's weights, then mixes in each step's.
-    average = now if average is None else [0.5 * a + 0.5 * w for a, w in zip(average, now)]
-  with train.averaged_weights(optimizer):
-    for v, a in zip(model.trainable_variables, average):
-      np.testing.assert_allclose(v.numpy(), a, rtol=1e-6, atol=1e-6)
-  assert not all(np.allclose(a, w) for a, w in zip(average, now))
-  for v, w in zip(model.trainable_variables, now):
-    np.testing.assert_allclose(v.numpy(), w, rtol=1e-6, atol=1e-6)  # Swapped back (+-, rounding).
-  # Off (the default) the block leaves the weights alone.
-  plain = train.make_optimizer(config.replace(ema_momentum=0.0), 10, 5)
-  plain.build(model.trainable_variables)
-  with train.averaged_weights(plain):
-    for v, w in zip(model.trainable_variables, now):
-      np.testing.assert_allclose(v.numpy(), w, rtol=1e-6, atol=1e-6)
+  for step in range(1, 4):
+    for w in model.weights:
+      w.assign(rng.normal(size=w.shape).astype(np.float32))
+    average.update(tf.constant(step))
+    keep = min(0.5, (1 + step) / (10 + step))  # 2/11, 3/12, then 0.5.
+    expected = [keep * e + (1 - keep) * w.numpy() for e, w in zip(expected, model.weights)]
+  raw = [w.numpy() for w in model.weights]
+  with average.swapped():
+    for w, e in zip(model.weights, expected):
+      np.testing.assert_allclose(w.numpy(), e, rtol=1e-6)
+  for w, r in zip(model.weights, raw):
+    np.testing.assert_array_equal(w.numpy(), r)  # A true swap: back bit for bit.
+  with average.swapped(enabled=False):
+    for w, r in zip(model.weights, raw):
+      np.testing.assert_array_equal(w.numpy(), r)
 
 
 def test_ema_run_validates_and_keeps_the_averaged_weights(smoke_data, tmp_path):
-  """best/ (and so metrics.json and the export) holds the EMA, the backup the raw weights.
+  """best/ (and so metrics.json and the export) holds the average, the backup both.
 
   The run also trains deep-supervision heads, which the backup holds and best/ does not.
   """
@@ -98,16 +93,16 @@ def test_ema_run_validates_and_keeps_the_averaged_weights(smoke_data, tmp_path):
   train_model = model_lib.with_auxiliary_heads(model, num_classes, config.depth)
   optimizer = train.make_optimizer(config, total_steps=12, steps_per_epoch=6)
   optimizer.build(train_model.trainable_variables)
-  tf.train.Checkpoint(model=model, optimizer=optimizer, train_model=train_model).read(
+  average = averaging.WeightAverage(model, config.ema_momentum)
+  tf.train.Checkpoint(model=model, optimizer=optimizer, train_model=train_model,
+                      weight_average=average.variables).read(
       tf.train.latest_checkpoint(str(tmp_path / 'checkpoints'))).assert_existing_objects_matched()
-  raw = [v.numpy() for v in model.trainable_variables]
   best = train.build_model(config, num_classes)
   tf.train.Checkpoint(model=best).read(result['checkpoint']).assert_existing_objects_matched()
   assert not any('aux' in layer.name for layer in best.layers)
-  with train.averaged_weights(optimizer):
-    for v, b in zip(model.trainable_variables, best.trainable_variables):
-      np.testing.assert_array_equal(v.numpy(), b.numpy())
-  assert not all(np.array_equal(r, b.numpy()) for r, b in zip(raw, best.trainable_variables))
+  for a, b in zip(average.variables, best.weights):  # BatchNorm statistics included.
+    np.testing.assert_array_equal(a.numpy(), b.numpy())
+  assert not all(np.array_equal(w.numpy(), b.numpy()) for w, b in zip(model.weights, best.weights))
 
 
 def test_deep_supervision_adds_the_weighted_head_losses():

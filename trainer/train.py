@@ -25,7 +25,6 @@ import math
 import signal
 import threading
 import time
-import types
 
 import keras
 import numpy as np
@@ -34,6 +33,7 @@ import tensorflow as tf
 from tfrecords_builder import fileio
 from tfrecords_builder import manifest as manifest_lib
 from tfrecords_builder.fileio import write_atomic
+from trainer import averaging
 from trainer import calibration
 from trainer import configs
 from trainer import data
@@ -116,8 +116,6 @@ def make_optimizer(config: configs.Config, total_steps: int,
   else:
     schedule = peak
   common = {'learning_rate': schedule, 'clipnorm': config.clipnorm}
-  if config.ema_momentum:
-    common.update(use_ema=True, ema_momentum=config.ema_momentum)
   if config.optimizer == 'adamw':
     optimizer = keras.optimizers.AdamW(weight_decay=config.weight_decay, **common)
     # Decaying BatchNorm scales/offsets and biases only fights the normalisation.
@@ -129,26 +127,6 @@ def make_optimizer(config: configs.Config, total_steps: int,
   if keras.mixed_precision.global_policy().name == 'mixed_float16':
     optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
   return optimizer
-
-
-@contextlib.contextmanager
-def averaged_weights(optimizer, enabled: bool = True):
-  """Holds the optimizer's moving average of the weights in the model for the block (use_ema).
-
-  Keras' SwapEMAWeights does the swap (in place, per replica, no collective); it only reads
-  the `.optimizer` of what it is given, and this loop has no compiled model to give it.
-  """
-  inner = getattr(optimizer, 'inner_optimizer', optimizer)
-  if not (enabled and getattr(inner, 'use_ema', False)):
-    yield
-    return
-  swap = keras.callbacks.SwapEMAWeights()
-  swap.set_model(types.SimpleNamespace(optimizer=optimizer))
-  swap.on_test_begin()
-  try:
-    yield
-  finally:
-    swap.on_test_end()
 
 
 def current_learning_rate(optimizer) -> float:
@@ -168,12 +146,14 @@ class Steps:
 
 
 def make_steps(model, optimizer, strategy, config, num_classes, class_weights,
-               prediction_bias: np.ndarray | None = None, train_model=None) -> Steps:
+               prediction_bias: np.ndarray | None = None, train_model=None,
+               average: averaging.WeightAverage | None = None) -> Steps:
   """Builds the distributed train loop, eval loop and a cross-worker flag agreement.
 
   Predictions add `prediction_bias` (e.g. a fitted calibration) to the logits, by default the
   config's logit adjustment. `train_model` (model.with_auxiliary_heads of `model`, for
-  aux_loss_weight) is what training steps; evaluation always runs `model`.
+  aux_loss_weight) is what training steps; evaluation always runs `model`. `average` (for
+  ema_momentum) is updated after every optimizer step.
   """
   loss_kw = {'class_weights': class_weights, 'loss_type': config.loss,
              'focal_gamma': config.focal_gamma}
@@ -235,6 +215,8 @@ def make_steps(model, optimizer, strategy, config, num_classes, class_weights,
     totals = [tf.constant(0.0), tf.constant(0.0), tf.zeros([num_classes] * 2, tf.int64)]
     for _ in tf.range(num_steps):
       step_totals = reduce(strategy.run(train_step, args=(next(iterator),)))
+      if average is not None:
+        average.update(optimizer.iterations)
       totals = [a + b for a, b in zip(totals, step_totals)]
     return totals
 
@@ -426,6 +408,8 @@ def run(config: configs.Config, data_dir: str, model_dir: str, *,
                    if config.aux_loss_weight else None)
     optimizer = make_optimizer(config, total_steps, steps_per_epoch)
     optimizer.build((train_model or model).trainable_variables)
+    average = (averaging.WeightAverage(model, config.ema_momentum) if config.ema_momentum
+               else None)
   # Bookkeeping only the Python loop reads: plain variables, identical on every worker.
   epoch_var = tf.Variable(0, dtype=tf.int64, trainable=False, name='epoch')
   step_in_epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name='step_in_epoch')
@@ -435,7 +419,8 @@ def run(config: configs.Config, data_dir: str, model_dir: str, *,
   checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, epoch=epoch_var,
                                    step_in_epoch=step_in_epoch, best_miou=best_miou,
                                    best_epoch=best_epoch, stopped_early=stopped,
-                                   **({'train_model': train_model} if train_model else {}))
+                                   **({'train_model': train_model} if train_model else {}),
+                                   **({'weight_average': average.variables} if average else {}))
   log_dir = (log_dir or f'{model_dir}/logs').rstrip('/')
   if latest:
     checkpoint.restore(latest).assert_existing_objects_matched()
@@ -461,7 +446,7 @@ def run(config: configs.Config, data_dir: str, model_dir: str, *,
   # collective under MultiWorkerMirroredStrategy); only the chief's summaries writer records them.
   fixed_frames = data.first_examples(manifest, 'val', config, config.num_summary_images)
   steps = make_steps(model, optimizer, strategy, config, num_classes, class_weights,
-                     train_model=train_model)
+                     train_model=train_model, average=average)
   train_input = data.TrainInput(manifest, config)
   cached = train_input.caches(runtime.num_workers)
   log(f'train frames: {"decoded once, kept in memory" if cached else "decoded every epoch"} '
@@ -502,8 +487,8 @@ def run(config: configs.Config, data_dir: str, model_dir: str, *,
       train_result = {'loss': float(totals[0] / max(totals[1], 1e-6))}
       train_result.update(metrics_lib.compute_metrics(totals[2], class_names))
       validate = (epoch + 1) % config.eval_every_epochs == 0 or epoch + 1 == config.epochs
-      # Validation, its overlays and best/ see the averaged weights when use_ema is on.
-      with averaged_weights(optimizer, validate):
+      # Validation, its overlays and best/ see the averaged weights (ema_momentum).
+      with (average.swapped(validate) if average else contextlib.nullcontext()):
         val_result = (evaluate(steps, runtime, manifest, 'val', config, class_names) if validate
                       else {'loss': None, 'pixel_accuracy': None, 'mean_iou': None})
         if fixed_frames and validate:

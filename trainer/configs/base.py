@@ -62,9 +62,10 @@ class Config:
   lr_schedule: str = 'cosine'  # cosine | constant
   warmup_epochs: float = 1.0
   clipnorm: float | None = None
-  # Validate, keep as best/ and export an exponential moving average of the weights (Keras'
-  # optimizer use_ema, updated every step) instead of the weights themselves; training still
-  # steps the raw weights. 0 = off; 0.999 averages over about the last 1,000 steps.
+  # Validate, keep as best/ and export an exponential moving average of the weights and
+  # BatchNorm statistics (trainer/averaging.py, updated every step) instead of the weights
+  # themselves; training still steps the raw weights. 0 = off; 0.999 averages over about the
+  # last 1,000 steps.
   ema_momentum: float = 0.0
   # Loss (trainer/losses.py).
   loss: str = 'ce'  # ce | focal
