@@ -54,7 +54,12 @@ def small() -> Config:
   0.83, 1.0 and 1.17 (eval_scales, the set chosen on the train split) scored +0.0 on FB_42's
   checkpoint. Sub-pixel logits (SP_42, SP_7: subpixel_logits true; 0.6389 and 0.6509) led by
   +0.47 points on average, just under the +0.5 rule; a third seed (SP_3, 0.6354) was level
-  (+0.3 over three seeds) and took 26.9 minutes whole (1.21x per epoch).
+  (+0.3 over three seeds) and took 26.9 minutes whole (1.21x per epoch). Deep supervision
+  (DS_42, DS_7: aux_loss_weight 0.4) led before calibration (0.6448 and 0.6432) but the
+  train-fitted calibration gained little on it: 0.6436 and 0.6454, +0.43 on average, not
+  adopted. A moving average of the weights through Keras' use_ema (trainable weights only)
+  scored 0.12 and 0.20 at epoch 16 (BatchNorm statistics of the raw weights) and was stopped;
+  ema_momentum now averages the statistics too, not yet measured to the end.
   Best checkpoint, flip averaging, logit adjustment 0.5, then per-class offsets fitted on the
   train split (calibration_split; +0.0 to +2.7 mIoU points in every run of 64 epochs or
   fewer, -0.2 in both 80-epoch runs).
