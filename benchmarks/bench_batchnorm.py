@@ -27,14 +27,19 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from trainer import averaging
 from trainer import configs
 from trainer import model as model_lib
 
 NUM_CLASSES = 11
 
 
-def make_step(config, fused: bool, batch):
-  """A compiled training step of the config's U-Net; Keras BN or the fused kernel."""
+def make_step(config, fused: bool, batch, average_momentum: float = 0.0):
+  """A compiled training step of the config's U-Net; Keras BN or the fused kernel.
+
+  With `average_momentum`, the step also updates a trainer.averaging.WeightAverage of the
+  weights after the optimizer step, as the trainer's loop does (bench_averaging.py).
+  """
   keras.utils.set_random_seed(0)
   model = model_lib.build_unet(NUM_CLASSES, image_size=config.image_size,
                                base_filters=config.base_filters, depth=config.depth,
@@ -44,6 +49,7 @@ def make_step(config, fused: bool, batch):
                                bottleneck_filters=config.bottleneck_filters,
                                fused_batchnorm=fused)
   optimizer = keras.optimizers.AdamW(config.learning_rate)
+  average = averaging.WeightAverage(model, average_momentum) if average_momentum else None
   images, masks = batch
 
   @tf.function
@@ -53,6 +59,8 @@ def make_step(config, fused: bool, batch):
       loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(masks, logits))
     grads = tape.gradient(loss, model.trainable_variables)
     optimizer.apply_gradients(zip(grads, model.trainable_variables))
+    if average is not None:
+      average.update(optimizer.iterations)
     return loss
 
   for _ in range(3):

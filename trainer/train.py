@@ -179,8 +179,8 @@ def make_steps(model, optimizer, strategy, config, num_classes, class_weights,
           ohem_min_kept=config.ohem_min_kept, label_smoothing=config.label_smoothing, **loss_kw)
       # The exact global weighted mean: gradients are summed over replicas by the optimizer.
       context = tf.distribute.get_replica_context()
-      global_weight = context.all_reduce('sum', weight_sum)
-      loss = loss_sum / tf.maximum(global_weight, 1e-6)
+      global_weight = tf.maximum(context.all_reduce('sum', weight_sum), 1e-6)
+      loss = loss_sum / global_weight
       # Set-level terms are per-replica batch means (not pixel sums): the replicas' gradients
       # sum to the mean over replicas. Reported in the train loss weighted by the replica's
       # pixel weight.
@@ -197,7 +197,7 @@ def make_steps(model, optimizer, strategy, config, num_classes, class_weights,
         aux_sum, _ = losses.pixel_loss_sum(batch['mask'], losses.log_probabilities(aux),
                                            normalized=True, **loss_kw)
         aux_sum *= config.aux_loss_weight / len(aux_logits)
-        loss += aux_sum / tf.maximum(global_weight, 1e-6)
+        loss += aux_sum / global_weight
         loss_sum += aux_sum
       scaled = optimizer.scale_loss(loss) if scale_loss else loss
     variables = (train_model or model).trainable_variables
