@@ -76,35 +76,54 @@ def seconds_per_step(step, steps: int) -> float:
   return (time.perf_counter() - start) / steps
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parse_args(description: str) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(description=description)
   parser.add_argument('--config', default='small', choices=sorted(configs.PRESETS))
   parser.add_argument('--steps', type=int, default=15)
   parser.add_argument('--rounds', type=int, default=3)
-  args = parser.parse_args()
-  config = configs.get_config(args.config)
+  return parser.parse_args()
+
+
+def random_batch(config) -> tuple[tf.Tensor, tf.Tensor]:
+  """In-memory images and masks of the config's training crop and batch size."""
   crop = config.crop_size or config.image_size
   rng = np.random.default_rng(0)
-  batch = (tf.constant(rng.random((config.batch_size, *crop, 3), np.float32)),
-           tf.constant(rng.integers(0, NUM_CLASSES, (config.batch_size, *crop)), tf.int32))
-  print(f'machine: {os.cpu_count()} cores; config {args.config}: {crop[0]}x{crop[1]} crops, '
-        f'batch {config.batch_size}, oneDNN {os.environ["TF_ENABLE_ONEDNN_OPTS"]}; '
-        f'{args.rounds} alternating rounds of {args.steps} steps')
-  steps = {'keras': make_step(config, False, batch), 'fused': make_step(config, True, batch)}
+  return (tf.constant(rng.random((config.batch_size, *crop, 3), np.float32)),
+          tf.constant(rng.integers(0, NUM_CLASSES, (config.batch_size, *crop)), tf.int32))
+
+
+def compare(steps: dict, labels: dict, config, args) -> dict:
+  """Alternates the steps for an untimed round, then args.rounds timed ones; prints medians.
+
+  Returns {name: median seconds per step}.
+  """
   times = {name: [] for name in steps}
   for round_index in range(args.rounds + 1):
     for name, step in steps.items():
       seconds = seconds_per_step(step, args.steps)
       if round_index:  # Round 0 only warms up: the process's first steps run slow.
         times[name].append(seconds)
-  for name, label in (('keras', 'keras.layers.BatchNormalization'),
-                      ('fused', 'FusedBatchNormalization (fused kernel)')):
-    median = statistics.median(times[name])
-    print(f'{label:40s} {1e3 * median:7.1f} ms/step, {config.batch_size / median:6.2f} images/s '
+  medians = {}
+  for name in steps:
+    medians[name] = median = statistics.median(times[name])
+    print(f'{labels[name]:40s} {1e3 * median:7.1f} ms/step, '
+          f'{config.batch_size / median:6.2f} images/s '
           f'(rounds: {", ".join(f"{1e3 * t:.1f}" for t in times[name])} ms)', flush=True)
-  speedup = statistics.median(times['keras']) / statistics.median(times['fused'])
-  print(f'RESULT fused_bn_speedup={speedup:.2f}')
+  return medians
 
+
+def main():
+  args = parse_args(__doc__.splitlines()[0])
+  config = configs.get_config(args.config)
+  batch = random_batch(config)
+  crop = batch[1].shape[1:]
+  print(f'machine: {os.cpu_count()} cores; config {args.config}: {crop[0]}x{crop[1]} crops, '
+        f'batch {config.batch_size}, oneDNN {os.environ["TF_ENABLE_ONEDNN_OPTS"]}; '
+        f'{args.rounds} alternating rounds of {args.steps} steps')
+  steps = {'keras': make_step(config, False, batch), 'fused': make_step(config, True, batch)}
+  medians = compare(steps, {'keras': 'keras.layers.BatchNormalization',
+                            'fused': 'FusedBatchNormalization (fused kernel)'}, config, args)
+  print(f'RESULT fused_bn_speedup={medians["keras"] / medians["fused"]:.2f}')
 
 if __name__ == '__main__':
   main()
