@@ -36,5 +36,6 @@ def main():
                                     config, args)
   print(f'RESULT averaging_step_cost={medians["averaged"] / medians["plain"]:.3f}')
 
+
 if __name__ == '__main__':
   main()

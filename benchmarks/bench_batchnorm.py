@@ -125,5 +125,6 @@ def main():
                             'fused': 'FusedBatchNormalization (fused kernel)'}, config, args)
   print(f'RESULT fused_bn_speedup={medians["keras"] / medians["fused"]:.2f}')
 
+
 if __name__ == '__main__':
   main()

@@ -57,8 +57,9 @@ def small() -> Config:
   (+0.3 over three seeds) and took 26.9 minutes whole (1.21x per epoch). Deep supervision
   (DS_42, DS_7: aux_loss_weight 0.4) led before calibration (0.6448 and 0.6432) but the
   train-fitted calibration gained little on it: 0.6436 and 0.6454, +0.43 on average, not
-  adopted (DS_3, seed 3: 0.6345, -0.1; 30.5 minutes whole, 1.38x per epoch). A moving average of the weights through Keras' use_ema (trainable weights only)
-  scored 0.12 and 0.20 at epoch 16 (BatchNorm statistics of the raw weights) and was stopped;
+  adopted (DS_3, seed 3: 0.6345, -0.1; 30.5 minutes whole, 1.38x per epoch). A moving
+  average of the weights through Keras' use_ema (trainable weights only) scored 0.12 and
+  0.20 at epoch 16 (BatchNorm statistics of the raw weights) and was stopped;
   with ema_momentum averaging the statistics too (EMA2_42, EMA2_7: 0.6587 and 0.6253) the
   mean lead was +0.18, not adopted. Offsets fitted on held-out train frames (HO_42, HO_7: the
   first 10% of each sequence kept out of training) moved val down: 0.6176 and 0.6267, -1.8.
