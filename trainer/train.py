@@ -190,13 +190,18 @@ def make_steps(model, optimizer, strategy, config, num_classes, class_weights,
           extra = weight * term(batch['mask'], log_probs, normalized=True)
           loss += extra / context.num_replicas_in_sync
           loss_sum += extra * weight_sum
-      # Deep supervision: the mean of the heads' pixel losses, at the crop's resolution, with
-      # the same pixel weights and normalisation as the main loss.
+      # Deep supervision: the mean of the heads' pixel losses with the same pixel weights and
+      # normalisation as the main loss, each at its head's own resolution against the mask
+      # subsampled nearest (nnU-Net's downsampled targets), a head position weighted by the
+      # crop pixels it stands for. Upsampling the heads' logits to the crop instead made
+      # `small`'s step 1.24x dearer, this 1.04x (README, Benchmarks).
       for aux in aux_logits:
-        aux = tf.image.resize(aux, tf.shape(logits)[1:3], method='bilinear')
-        aux_sum, _ = losses.pixel_loss_sum(batch['mask'], losses.log_probabilities(aux),
+        strides = tf.shape(batch['mask'])[1:3] // tf.shape(aux)[1:3]
+        mask = batch['mask'][:, strides[0] // 2::strides[0], strides[1] // 2::strides[1]]
+        aux_sum, _ = losses.pixel_loss_sum(mask, losses.log_probabilities(aux),
                                            normalized=True, **loss_kw)
-        aux_sum *= config.aux_loss_weight / len(aux_logits)
+        aux_sum *= (tf.cast(strides[0] * strides[1], tf.float32) * config.aux_loss_weight /
+                    len(aux_logits))
         loss += aux_sum / global_weight
         loss_sum += aux_sum
       scaled = optimizer.scale_loss(loss) if scale_loss else loss

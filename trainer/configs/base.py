@@ -88,8 +88,9 @@ class Config:
   # the same way; 0 = off.
   dice_weight: float = 0.0
   # Deep supervision: this weight times the mean cross-entropy (same class weights) of 1x1-conv
-  # logits of every decoder level but the last, upsampled bilinearly to the crop, is added to
-  # the training loss (model.with_auxiliary_heads); the heads exist only in training. 0 = off.
+  # logits of every decoder level but the last, each at its own resolution against the mask
+  # subsampled nearest, is added to the training loss (model.with_auxiliary_heads); the heads
+  # exist only in training. 0 = off.
   aux_loss_weight: float = 0.0
   # Inference adds -logit_adjustment * log(class weight) to the logits before the argmax
   # (validation, metrics, TensorBoard overlays, the export). Class-weighted training shifts the
