@@ -20,6 +20,7 @@ def test_every_preset_validates(name):
     ('bottleneck_filters', 0),
     ('scale_min', 2.0),  # Above scale_max.
     ('refine_filters', -1),
+    ('fullres_filters', -1),
     ('weight_decay', -1e-4), ('focal_gamma', -1.0), ('max_class_weight', 0.0),
     ('clipnorm', 0.0), ('base_batch_size', 0), ('eval_batch_size', 0), ('shuffle_buffer', 0),
     ('cache_decoded_mb', -1), ('brightness', -0.1), ('contrast', 1.5), ('saturation', 2.0),
@@ -39,6 +40,9 @@ def test_out_of_range_values_are_refused_by_name(field, value):
     ('label_smoothing', 0.1, {'loss': 'focal'}, "needs loss 'ce', not loss 'focal'"),
     ('refine_filters', 4, {'stem_stride': 1}, 'needs stem_stride 2, not stem_stride 1'),
     ('subpixel_logits', True, {'stem_stride': 1}, 'needs stem_stride 2, not stem_stride 1'),
+    ('fullres_filters', 8, {'stem_stride': 1}, 'needs stem_stride 2, not stem_stride 1'),
+    ('fullres_filters', 8, {'subpixel_logits': True},
+     'needs subpixel_logits false, not subpixel_logits true'),
 ])
 def test_values_that_need_another_field_name_both(field, value, other, message):
   config = configs.get_config('small').replace(**{field: value})

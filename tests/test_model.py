@@ -352,3 +352,30 @@ def test_subpixel_logits_start_as_plain_upsampling_and_resolve_each_input_pixel(
   np.testing.assert_allclose(diff[:, :, :, 1:], 0, atol=1e-6)
   with pytest.raises(ValueError, match='subpixel_logits needs stem_stride 2'):
     model_lib.build_unet(NUM_CLASSES, subpixel_logits=True, image_size=(32, 48), depth=2)
+
+
+def test_fullres_level_computes_logits_at_the_input_resolution_from_image_and_decoder():
+  kwargs = {'image_size': (32, 48), 'base_filters': 4, 'depth': 2, 'stem_stride': 2}
+  stem = model_lib.build_unet(NUM_CLASSES, **kwargs)
+  full = model_lib.build_unet(NUM_CLASSES, fullres_filters=3, **kwargs)
+  # Two 3x3 conv-BN (4 BN weights per channel) over the image (3 channels) and over the
+  # upsampled decoder (4) + the image features (3); the logits conv reads 3 channels, not 4.
+  added = (9 * 3 * 3 + 3 + 4 * 3) + (9 * 7 * 3 + 3 + 4 * 3) - 9 * (4 - 3) * NUM_CLASSES
+  assert full.count_params() == stem.count_params() + added
+  names = {layer.name for layer in full.layers}
+  assert 'logits_upsample' not in names and {'fullres_conv1', 'fullres_concat'} <= names
+  # The logits conv runs at the input's 32x48, on the concatenation of the decoder's features
+  # (upsampled from the stem's 16x24) and the full-resolution image features.
+  assert tuple(full.get_layer('logits').input.shape) == (None, 32, 48, 3)
+  assert tuple(full.get_layer('fullres_concat').input[0].shape) == (None, 32, 48, 4)
+  assert full.get_layer('fullres_conv1').input is full.input
+  images = np.random.default_rng(4).random((2, 32, 48, 3), np.float32)
+  assert full(images).shape == (2, 32, 48, NUM_CLASSES) and full.output.dtype == 'float32'
+  any_size = model_lib.build_unet(NUM_CLASSES, fullres_filters=3, any_size=True, **kwargs)
+  any_size.set_weights(full.get_weights())
+  # The same weights serve any multiple of the stride (training crops) and whole frames.
+  np.testing.assert_allclose(any_size(images), full(images), atol=1e-6)
+  assert any_size(images[:, :16, :24]).shape == (2, 16, 24, NUM_CLASSES)
+  for bad in ({'stem_stride': 1}, {'subpixel_logits': True}):
+    with pytest.raises(ValueError, match='fullres_filters must be >= 0 and needs stem_stride 2'):
+      model_lib.build_unet(NUM_CLASSES, fullres_filters=3, **{**kwargs, **bad})

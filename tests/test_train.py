@@ -38,11 +38,17 @@ def test_evaluation_scores_the_logit_adjusted_argmax(strength):
 
 
 def test_training_model_fuses_batchnorm_on_one_replica(tmp_path):
-  """Training builds use the fused kernel (same variables), evaluation and export Keras BN."""
-  config = configs.get_config('smoke').replace(sync_batchnorm=True)
+  """Training builds use the fused kernel (same variables), evaluation and export Keras BN.
+
+  With the stem's full-resolution level, whose layers both builds must hold.
+  """
+  config = configs.get_config('smoke').replace(sync_batchnorm=True, stem_stride=2,
+                                               fullres_filters=2)
   tf.keras.utils.set_random_seed(1)
   training = train.build_model(config, NUM_CLASSES, training=True)
   plain = train.build_model(config, NUM_CLASSES)
+  assert isinstance(training.get_layer('fullres_bn2'), model_lib.FusedBatchNormalization)
+  assert plain.get_layer('fullres_conv2').filters == 2
   fused = [l for l in training.layers if isinstance(l, model_lib.FusedBatchNormalization)]
   assert fused and not any(isinstance(l, model_lib.FusedBatchNormalization)
                            for l in plain.layers)

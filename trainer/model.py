@@ -93,7 +93,8 @@ def build_unet(num_classes: int,
                refine_filters: int = 0,
                bottleneck_filters: int | None = None,
                fused_batchnorm: bool = False,
-               subpixel_logits: bool = False) -> keras.Model:
+               subpixel_logits: bool = False,
+               fullres_filters: int = 0) -> keras.Model:
   """Builds a U-Net that maps [0, 1]-scaled RGB images to per-pixel class logits.
 
   Args:
@@ -128,6 +129,11 @@ def build_unet(num_classes: int,
       own logits for each of the stem_stride**2 input pixels it covers; DUC, Wang et al. 2018,
       "Understanding Convolution for Semantic Segmentation") of the last decoder features,
       zero-initialised, so training starts from plain upsampling.
+    fullres_filters: With the stem, > 0 restores a light full-resolution level: a 3x3
+      conv-BN-ReLU with this many filters over the image, concatenated with the last decoder
+      level's features upsampled bilinearly, then a 3x3 conv-BN-ReLU with this many filters
+      and the logits computed at the input's resolution instead of upsampled from the stem's.
+      Not with subpixel_logits (there are no upsampled logits to correct). 0 = off.
     fused_batchnorm: Train with FusedBatchNormalization (TensorFlow's fused kernel; faster on a
       CPU, the same variables and inference). Not with sync_batchnorm: the kernel only sees
       its own replica's batch.
@@ -147,6 +153,9 @@ def build_unet(num_classes: int,
     raise ValueError(f'depth must be >= 1, got {depth}')
   if subpixel_logits and stem_stride == 1:
     raise ValueError('subpixel_logits needs stem_stride 2')
+  if fullres_filters < 0 or (fullres_filters and (stem_stride == 1 or subpixel_logits)):
+    raise ValueError(f'fullres_filters must be >= 0 and needs stem_stride 2 without '
+                     f'subpixel_logits, got {fullres_filters} with stem_stride {stem_stride}')
   if refine_filters < 0 or (refine_filters and stem_stride == 1):
     raise ValueError(f'refine_filters must be >= 0 and needs stem_stride 2, got '
                      f'{refine_filters} with stem_stride {stem_stride}')
@@ -176,6 +185,8 @@ def build_unet(num_classes: int,
   x = inputs
   if stem_stride > 1:
     x = _conv_bn_relu(x, base_filters, 'stem', 1, norm, stem_stride)
+  if fullres_filters:
+    full = _conv_bn_relu(inputs, fullres_filters, 'fullres', 1, norm)
 
   # Encoder: keep each level's pre-pool activation as the skip connection.
   skips = []
@@ -206,11 +217,21 @@ def build_unet(num_classes: int,
     if dropout > 0 and level < depth:
       x = keras.layers.Dropout(dropout, name=f'{prefix}_dropout')(x)
 
+  if fullres_filters:
+    # Poles and sign posts are two or three pixels wide at the input's resolution and below
+    # one position at the stem's: a few channels over every pixel let the image's own edges
+    # place them, at a fraction of the full U-Net level's cost (many channels, two convs per
+    # side).
+    x = keras.layers.UpSampling2D(stem_stride, interpolation='bilinear',
+                                  name='fullres_upsample')(x)
+    x = keras.layers.Concatenate(name='fullres_concat')([x, full])
+    x = _conv_bn_relu(x, fullres_filters, 'fullres', 2, norm)
+
   # The head computes in float32 so logits (and hence the loss and softmax) keep full
   # precision when the rest of the model runs under a mixed_float16/mixed_bfloat16 policy.
   logits = keras.layers.Conv2D(
       num_classes, 3, padding='same', dtype='float32', name='logits')(x)
-  if stem_stride > 1:
+  if stem_stride > 1 and not fullres_filters:
     logits = keras.layers.UpSampling2D(stem_stride, interpolation='bilinear', dtype='float32',
                                        name='logits_upsample')(logits)
     if subpixel_logits:

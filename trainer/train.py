@@ -84,7 +84,8 @@ def build_model(config: configs.Config, num_classes: int, training: bool = False
                               bn_momentum=config.bn_momentum, stem_stride=config.stem_stride,
                               residual=config.residual, refine_filters=config.refine_filters,
                               bottleneck_filters=config.bottleneck_filters,
-                              subpixel_logits=config.subpixel_logits)
+                              subpixel_logits=config.subpixel_logits,
+                              fullres_filters=config.fullres_filters)
 
 
 def size_multiple(config: configs.Config) -> int:

@@ -25,6 +25,9 @@ class Config:
   refine_filters: int = 0
   # With the stem: a learned sub-pixel correction of the upsampled logits (model.py).
   subpixel_logits: bool = False
+  # With the stem: filters of a light full-resolution level (logits at the input's resolution
+  # from the upsampled decoder and a conv over the image; model.py); 0 = off.
+  fullres_filters: int = 0
   # Batch statistics over the global batch: multi-replica runs then train the same model as one
   # device with the global batch, and every replica holds the same moving statistics (so the
   # distributed evaluation and the exported model agree). Costs one all-reduce per BN layer.
@@ -233,6 +236,7 @@ def validate(config: Config) -> None:
       'ohem_min_kept': 0 < config.ohem_min_kept <= 1,
       'label_smoothing': 0 <= config.label_smoothing < 1,
       'refine_filters': config.refine_filters >= 0,
+      'fullres_filters': config.fullres_filters >= 0,
       'logit_adjustment': 0 <= config.logit_adjustment <= 1,
       'calibration_split': config.calibration_split is None or bool(config.calibration_split),
       'weight_decay': config.weight_decay >= 0,
@@ -269,6 +273,10 @@ def validate(config: Config) -> None:
        stem),
       ('subpixel_logits', not config.subpixel_logits or config.stem_stride == 2,
        'stem_stride 2', stem),
+      ('fullres_filters', config.fullres_filters == 0 or config.stem_stride == 2,
+       'stem_stride 2', stem),
+      ('fullres_filters', config.fullres_filters == 0 or not config.subpixel_logits,
+       'subpixel_logits false', 'subpixel_logits true'),
       # The heads sit on every decoder level but the last.
       ('aux_loss_weight', config.aux_loss_weight == 0 or config.depth >= 2, 'depth >= 2',
        f'depth {config.depth}')):

@@ -1,0 +1,80 @@
+"""What a config change costs per training step: the trainer's own step with and without it.
+
+    python benchmarks/bench_step_cost.py [--config small] [--steps 15] [--rounds 3]
+        [--hparams '{"aux_loss_weight": 0.4}']
+
+Builds the config's training U-Net as the trainer does (trainer.train.build_model: crops, width,
+the fused BatchNorm of one replica) twice, as the preset and with `--hparams` (JSON, the
+trainer's --hparams_file fields, e.g. aux_loss_weight for deep supervision, fullres_filters,
+ema_momentum), and times the train loop of trainer.train.make_steps (forward, class-weighted
+losses, backward, AdamW update, weight average, confusion matrix) one step per call on an
+in-memory batch of the config's crops. The two alternate for an untimed round, then `--rounds`
+rounds of `--steps` steps, each prints its median (bench_batchnorm.py's comparison). Last
+line: RESULT step_cost=<float>, the changed step's median time over the preset's.
+"""
+
+import argparse
+import json
+import os
+
+import bench_batchnorm  # Same directory; sets TensorFlow's CPU options through `trainer`.
+import keras
+import numpy as np
+import tensorflow as tf
+
+from trainer import averaging
+from trainer import configs
+from trainer import model as model_lib
+from trainer import train
+
+
+def make_step(config, batch):
+  """One compiled step of the trainer's loop for `config` on `batch`, repeated."""
+  keras.utils.set_random_seed(0)
+  num_classes = bench_batchnorm.NUM_CLASSES
+  model = train.build_model(config, num_classes, training=True)
+  train_model = (model_lib.with_auxiliary_heads(model, num_classes, config.depth)
+                 if config.aux_loss_weight else None)
+  optimizer = train.make_optimizer(config, total_steps=1000, steps_per_epoch=100)
+  optimizer.build((train_model or model).trainable_variables)
+  average = (averaging.WeightAverage(model, config.ema_momentum) if config.ema_momentum
+             else None)
+  class_weights = np.linspace(1.0, 10.0, num_classes).astype(np.float32)
+  steps = train.make_steps(model, optimizer, tf.distribute.get_strategy(), config, num_classes,
+                           class_weights, train_model=train_model, average=average)
+  images, masks = batch
+  iterator = iter(tf.data.Dataset.from_tensors({'image': images, 'mask': masks}).repeat())
+  one = tf.constant(1)
+
+  def step():
+    return steps.train(iterator, one)[0]
+
+  for _ in range(3):
+    step()
+  return step
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--config', default='small', choices=sorted(configs.PRESETS))
+  parser.add_argument('--steps', type=int, default=15)
+  parser.add_argument('--rounds', type=int, default=3)
+  parser.add_argument('--hparams', default='{"aux_loss_weight": 0.4}',
+                      help='JSON object of config fields to change')
+  args = parser.parse_args()
+  base = configs.get_config(args.config)
+  changed = base.replace(**json.loads(args.hparams))
+  configs.validate(changed)
+  batch = bench_batchnorm.random_batch(base)
+  crop = batch[1].shape[1:]
+  print(f'machine: {os.cpu_count()} cores; config {args.config}: {crop[0]}x{crop[1]} crops, '
+        f'batch {base.batch_size}; changed: {args.hparams}; '
+        f'{args.rounds} alternating rounds of {args.steps} steps')
+  steps = {'base': make_step(base, batch), 'changed': make_step(changed, batch)}
+  medians = bench_batchnorm.compare(
+      steps, {'base': f'trainer step, {args.config}', 'changed': 'with the change'}, base, args)
+  print(f'RESULT step_cost={medians["changed"] / medians["base"]:.3f}')
+
+
+if __name__ == '__main__':
+  main()
