@@ -88,7 +88,7 @@ def small() -> Config:
                 bn_momentum=0.9, class_weighting='inverse_sqrt', max_class_weight=10.0,
                 eval_flip=True, eval_every_epochs=16, scale_min=1.0, scale_max=1.0,
                 brightness=0.0, contrast=0.0, saturation=0.0, logit_adjustment=0.5,
-                calibration_split='train')
+                calibration_split='train', aux_loss_weight=0.4, ema_momentum=0.999)
 
 
 def smoke() -> Config:
