@@ -147,3 +147,30 @@ def test_deep_supervision_adds_the_weighted_head_losses():
                                         tf.constant(1))
   np.testing.assert_allclose(float(loss_sum / weight_sum), expected, rtol=1e-4)
   assert not np.array_equal(head, train_model.get_layer('aux1_logits').kernel.numpy())
+
+
+def test_jit_compiled_step_trains_like_the_plain_one():
+  """`jit_compile` compiles the replica's step (the loop reads the iterator, which XLA cannot).
+
+  With deep supervision, whose head losses subsample the mask by strides XLA must resolve.
+  """
+  rng = np.random.default_rng(0)
+  batch = {'image': rng.random((2, 16, 16, 3), dtype=np.float32),
+           'mask': rng.integers(0, NUM_CLASSES, (2, 16, 16)).astype(np.int32)}
+  results = []
+  for jit in (False, True):
+    config = configs.get_config('smoke').replace(image_size=(16, 16), aux_loss_weight=0.4,
+                                                 depth=2, warmup_epochs=0.0, jit_compile=jit)
+    tf.keras.utils.set_random_seed(5)
+    model = train.build_model(config, NUM_CLASSES, training=True)
+    train_model = model_lib.with_auxiliary_heads(model, NUM_CLASSES, config.depth)
+    optimizer = train.make_optimizer(config, total_steps=10, steps_per_epoch=5)
+    optimizer.build(train_model.trainable_variables)
+    steps = train.make_steps(model, optimizer, tf.distribute.get_strategy(), config,
+                             NUM_CLASSES, None, train_model=train_model)
+    iterator = iter(tf.data.Dataset.from_tensors(batch).repeat())
+    first = steps.train(iterator, tf.constant(1))
+    second = steps.train(iterator, tf.constant(1))  # After one update: the update ran too.
+    results.append([float(first[0] / first[1]), float(second[0] / second[1])])
+  np.testing.assert_allclose(results[1], results[0], rtol=1e-4)
+  assert results[0][1] < results[0][0]

@@ -216,11 +216,15 @@ def make_steps(model, optimizer, strategy, config, num_classes, class_weights,
   def reduce(values):
     return [strategy.reduce('sum', v, axis=None) for v in values]
 
-  @tf.function(jit_compile=config.jit_compile or None)
+  # XLA compiles the replica's step, not the loop around it: the loop reads the input
+  # iterator, which XLA has no kernel for (IteratorGetNext).
+  replica_step = tf.function(train_step, jit_compile=True) if config.jit_compile else train_step
+
+  @tf.function
   def train_loop(iterator, num_steps):
     totals = [tf.constant(0.0), tf.constant(0.0), tf.zeros([num_classes] * 2, tf.int64)]
     for _ in tf.range(num_steps):
-      step_totals = reduce(strategy.run(train_step, args=(next(iterator),)))
+      step_totals = reduce(strategy.run(replica_step, args=(next(iterator),)))
       if average is not None:
         average.update(optimizer.iterations)
       totals = [a + b for a, b in zip(totals, step_totals)]
