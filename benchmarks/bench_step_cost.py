@@ -3,14 +3,15 @@
     python benchmarks/bench_step_cost.py [--config small] [--steps 15] [--rounds 3]
         [--hparams '{"aux_loss_weight": 0.0, "ema_momentum": 0.0}']
 
-Builds the config's training U-Net as the trainer does (trainer.train.build_model: crops, width,
-the fused BatchNorm of one replica) twice, as the preset and with `--hparams` (JSON, the
-trainer's --hparams_file fields, e.g. aux_loss_weight for deep supervision, fullres_filters,
-ema_momentum), and times the train loop of trainer.train.make_steps (forward, class-weighted
-losses, backward, AdamW update, weight average, confusion matrix) one step per call on an
-in-memory batch of the config's crops. The two alternate for an untimed round, then `--rounds`
-rounds of `--steps` steps, each prints its median (bench_batchnorm.py's comparison). Last
-line: RESULT step_cost=<float>, the changed step's median time over the preset's.
+Builds the config's training U-Net, optimizer and weight average as the trainer does
+(trainer.train.build_trainables: crops, width, deep-supervision heads, the fused BatchNorm of
+one replica) twice, as the preset and with `--hparams` (JSON, the trainer's --hparams_file
+fields, e.g. aux_loss_weight for deep supervision, fullres_filters, ema_momentum), and times
+the train loop of trainer.train.make_steps (forward, class-weighted losses, backward, AdamW
+update, weight average, confusion matrix) one step per call on an in-memory batch of the
+config's crops. The two alternate for an untimed round, then `--rounds` rounds of `--steps`
+steps, each prints its median (bench_batchnorm.py's comparison). Last line: RESULT
+step_cost=<float>, the changed step's median time over the preset's.
 """
 
 import argparse
@@ -22,9 +23,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from trainer import averaging
 from trainer import configs
-from trainer import model as model_lib
 from trainer import train
 
 
@@ -32,13 +31,8 @@ def make_step(config, batch):
   """One compiled step of the trainer's loop for `config` on `batch`, repeated."""
   keras.utils.set_random_seed(0)
   num_classes = bench_batchnorm.NUM_CLASSES
-  model = train.build_model(config, num_classes, training=True)
-  train_model = (model_lib.with_auxiliary_heads(model, num_classes, config.depth)
-                 if config.aux_loss_weight else None)
-  optimizer = train.make_optimizer(config, total_steps=1000, steps_per_epoch=100)
-  optimizer.build((train_model or model).trainable_variables)
-  average = (averaging.WeightAverage(model, config.ema_momentum) if config.ema_momentum
-             else None)
+  model, train_model, optimizer, average = train.build_trainables(
+      config, num_classes, total_steps=1000, steps_per_epoch=100)
   class_weights = np.linspace(1.0, 10.0, num_classes).astype(np.float32)
   steps = train.make_steps(model, optimizer, tf.distribute.get_strategy(), config, num_classes,
                            class_weights, train_model=train_model, average=average)

@@ -130,6 +130,25 @@ def make_optimizer(config: configs.Config, total_steps: int,
   return optimizer
 
 
+def build_trainables(config: configs.Config, num_classes: int, total_steps: int,
+                     steps_per_epoch: int):
+  """The training model, its deep-supervision twin, the built optimizer and the weight average.
+
+  Call inside the strategy's scope. Returns (model, train_model, optimizer, average):
+  `train_model` (model.with_auxiliary_heads, for aux_loss_weight) and `average` (for
+  ema_momentum) are None when the config does not ask for them. Deep supervision's heads live
+  only in `train_model`: best/ and the export hold `model` alone.
+  """
+  model = build_model(config, num_classes, training=True)
+  train_model = (model_lib.with_auxiliary_heads(model, num_classes, config.depth)
+                 if config.aux_loss_weight else None)
+  optimizer = make_optimizer(config, total_steps, steps_per_epoch)
+  optimizer.build((train_model or model).trainable_variables)
+  average = (averaging.WeightAverage(model, config.ema_momentum) if config.ema_momentum
+             else None)
+  return model, train_model, optimizer, average
+
+
 def current_learning_rate(optimizer) -> float:
   lr = optimizer.learning_rate
   return float(lr.numpy() if hasattr(lr, 'numpy') else lr)
@@ -412,14 +431,8 @@ def run(config: configs.Config, data_dir: str, model_dir: str, *,
                                                                       class_weights)))
 
   with strategy.scope():
-    model = build_model(config, num_classes, training=True)
-    # Deep supervision's heads live only here: best/ and the export hold `model` alone.
-    train_model = (model_lib.with_auxiliary_heads(model, num_classes, config.depth)
-                   if config.aux_loss_weight else None)
-    optimizer = make_optimizer(config, total_steps, steps_per_epoch)
-    optimizer.build((train_model or model).trainable_variables)
-    average = (averaging.WeightAverage(model, config.ema_momentum) if config.ema_momentum
-               else None)
+    model, train_model, optimizer, average = build_trainables(config, num_classes, total_steps,
+                                                              steps_per_epoch)
   # Bookkeeping only the Python loop reads: plain variables, identical on every worker.
   epoch_var = tf.Variable(0, dtype=tf.int64, trainable=False, name='epoch')
   step_in_epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name='step_in_epoch')
