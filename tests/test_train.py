@@ -162,10 +162,9 @@ def test_jit_compiled_step_trains_like_the_plain_one():
     config = configs.get_config('smoke').replace(image_size=(16, 16), aux_loss_weight=0.4,
                                                  depth=2, warmup_epochs=0.0, jit_compile=jit)
     tf.keras.utils.set_random_seed(5)
-    model = train.build_model(config, NUM_CLASSES, training=True)
-    train_model = model_lib.with_auxiliary_heads(model, NUM_CLASSES, config.depth)
-    optimizer = train.make_optimizer(config, total_steps=10, steps_per_epoch=5)
-    optimizer.build(train_model.trainable_variables)
+    model, train_model, optimizer, average = train.build_trainables(
+        config, NUM_CLASSES, total_steps=10, steps_per_epoch=5)
+    assert train_model is not None and average is None  # aux_loss_weight on, ema_momentum off.
     steps = train.make_steps(model, optimizer, tf.distribute.get_strategy(), config,
                              NUM_CLASSES, None, train_model=train_model)
     iterator = iter(tf.data.Dataset.from_tensors(batch).repeat())
