@@ -185,6 +185,20 @@ def test_mirrored_on_two_logical_cpus_and_bfloat16(smoke_data, tmp_path):
   assert metrics['num_examples'] == 6
 
 
+def test_jit_compile_is_refused_under_a_distributed_strategy(smoke_data, tmp_path):
+  """XLA under MirroredStrategy fails at the first step (variables on another replica's device)."""
+  hparams = tmp_path / 'hp.json'
+  hparams.write_text(json.dumps({'jit_compile': True}))
+  model_dir = tmp_path / 'model'
+  proc = run_module('trainer.task', *SMOKE, '--data_dir', smoke_data, '--model_dir', model_dir,
+                    '--logical_cpu_devices', '2', '--strategy', 'mirrored',
+                    '--hparams_file', hparams)
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  assert ('error: jit_compile: XLA cannot compile the step under the mirrored strategy'
+          in proc.stderr), proc.stderr[-3000:]
+  assert 'Traceback' not in proc.stderr and not model_dir.exists()
+
+
 def test_tf_config_from_an_indexed_job():
   env = {'JOB_COMPLETION_INDEX': '2', 'CAMVID_NUM_WORKERS': '3', 'CAMVID_JOB_NAME': 'train',
          'CAMVID_SERVICE_NAME': 'camvid-workers'}

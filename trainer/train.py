@@ -398,6 +398,13 @@ def run(config: configs.Config, data_dir: str, model_dir: str, *,
   runtime = runtime or distribution.create_runtime(config.strategy, config.mixed_precision,
                                                    config.peer_timeout_seconds)
   strategy = runtime.strategy
+  if config.jit_compile and runtime.kind != 'default':
+    # Measured on 2 logical CPUs under MirroredStrategy: XLA's step reads replica 1's variables
+    # from replica 0's device and fails (tensorflow/tensorflow#45940, on GPUs too); Keras' own
+    # jit_compile="auto" turns XLA off under any tf.distribute strategy for the same reason.
+    raise ConfigError(f'jit_compile: XLA cannot compile the step under the {runtime.kind} '
+                      'strategy (replicas keep variables on other devices); use it with '
+                      '--strategy default')
   data.check_batch(config.batch_size, runtime.num_replicas, '--batch_size')
   data.check_batch(config.eval_batch_size or config.batch_size, runtime.num_replicas,
                    'eval_batch_size')

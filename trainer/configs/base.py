@@ -124,6 +124,7 @@ class Config:
   # A worker that cannot reach its peers (at start-up or in a collective) fails after this long
   # instead of hanging; the Job then restarts it.
   peer_timeout_seconds: int = 300
+  # XLA for the replica step; one device only (refused under mirrored and multi_worker).
   jit_compile: bool = False
   steps_per_loop: int = 10  # Train steps per tf.function call (also the preemption-check period).
   backup_every_steps: int = 100  # Resumable backup period, besides every epoch end.
