@@ -28,7 +28,9 @@ def small() -> Config:
   42) and 0.6652 / 0.9270 (seed 7): deep supervision weighing as much as the main loss
   (aux_loss_weight 1.0 instead of 0.4, the same step) led DSE_42 and DSE_7 by 1.18 points on
   average (-0.2 and +2.6), above the +0.5 rule fixed before the runs; 29.7-29.9 minutes whole
-  beside each other (not a timing; the step is DSE's, 24.6 minutes whole alone).
+  beside each other (not a timing; the step is DSE's, 24.6 minutes whole alone). Seeds 3, 11 and 5
+  (AW_3, AW_11, AW_5, three at once): 0.6615, 0.6555 and 0.6453; 0.6563 / 0.9254 on
+  average over the five seeds (DSE: 0.6498 / 0.9218).
   Before that (DSE, aux_loss_weight 0.4; runs DSE_42, DSE_7, DSE_3, DSE_11, DSE_5, 2026-12-06):
   val mIoU / pixel accuracy 0.6562 / 0.9233 (seed 42), 0.6395 / 0.9185 (seed 7) and 0.6567 /
   0.9223 (seed 3, 24.6 minutes whole, alone, median epoch 20.4 s), 0.6419 / 0.9214 (seed 11) and
