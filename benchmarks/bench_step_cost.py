@@ -34,8 +34,9 @@ def make_step(config, batch):
   model, train_model, optimizer, average = train.build_trainables(
       config, num_classes, total_steps=1000, steps_per_epoch=100)
   class_weights = np.linspace(1.0, 10.0, num_classes).astype(np.float32)
-  steps = train.make_steps(model, optimizer, tf.distribute.get_strategy(), config, num_classes,
-                           class_weights, train_model=train_model, average=average)
+  spec = train.inference_spec(config, [f'class{i}' for i in range(num_classes)], class_weights)
+  steps = train.make_steps(model, optimizer, tf.distribute.get_strategy(), config, spec,
+                           train_model=train_model, average=average)
   images, masks = batch
   iterator = iter(tf.data.Dataset.from_tensors({'image': images, 'mask': masks}).repeat())
   one = tf.constant(1)

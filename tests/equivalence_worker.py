@@ -52,8 +52,9 @@ def main():
     model = train.build_model(config, NUM_CLASSES, training=True)
     optimizer = train.make_optimizer(config, args.steps, args.steps)
     optimizer.build(model.trainable_variables)
-  steps = train.make_steps(model, optimizer, strategy, config, NUM_CLASSES,
-                           class_weights=np.array([1.0, 2.0, 0.5, 1.5], np.float32))
+  spec = train.inference_spec(config, [f'class{i}' for i in range(NUM_CLASSES)],
+                              class_weights=[1.0, 2.0, 0.5, 1.5])
+  steps = train.make_steps(model, optimizer, strategy, config, spec)
 
   def dataset_fn(ctx):
     per_replica = ctx.get_per_replica_batch_size(args.batch)

@@ -59,12 +59,3 @@ def test_never_worse_than_the_start_and_keeps_a_perfect_start():
   # Perfect logits: no change can gain, so the start is returned unchanged.
   perfect = np.eye(4, dtype=np.float32)[labels] * 5
   np.testing.assert_array_equal(calibration.fit_bias(perfect, labels, start), start)
-
-
-def test_read_bias(tmp_path):
-  assert calibration.read_bias(str(tmp_path), 3) is None
-  calibration.write(str(tmp_path), {'bias': [0.5, -1.0, 0.0]})
-  np.testing.assert_allclose(calibration.read_bias(str(tmp_path), 3), [0.5, -1.0, 0.0])
-  (tmp_path / calibration.CALIBRATION_NAME).write_text(json.dumps({'bias': [1.0]}))
-  with pytest.raises(ValueError, match='"bias" must be a list of 3 numbers'):
-    calibration.read_bias(str(tmp_path), 3)

@@ -20,6 +20,7 @@ import tensorflow as tf
 
 from tfrecords_builder.errors import InputError
 from trainer import export as export_lib
+from trainer import inference
 from trainer import model as model_lib
 from trainer import visualize
 
@@ -40,9 +41,16 @@ def model():
                               base_filters=4, depth=2, dropout=0.0)
 
 
-def _export(model, export_dir, flip=False, logit_bias=None, **scales):
-  export_lib.export_model(model, str(export_dir), image_size=MODEL_SIZE, class_names=CLASS_NAMES,
-                          class_colors=CLASS_COLORS, flip=flip, logit_bias=logit_bias, **scales)
+def _spec(**changes):
+  return inference.Spec(class_names=tuple(CLASS_NAMES),
+                        class_colors=tuple(map(tuple, CLASS_COLORS)),
+                        image_size=MODEL_SIZE).replace(**changes)
+
+
+def _export(model, export_dir, flip=False, logit_bias=None, scales=(1.0,), multiple=1):
+  export_lib.export_model(model, str(export_dir), _spec(
+      flip=flip, bias=None if logit_bias is None else tuple(logit_bias), scales=scales,
+      size_multiple=multiple))
 
 
 @pytest.fixture(scope='module')
@@ -157,7 +165,7 @@ def test_logit_bias_is_added_before_the_argmax_and_recorded(model, tmp_path):
   assert np.mean(expected != plain) > 0.05, 'degenerate test: the bias changes nothing'
   _assert_agrees(out, expected)
   assert export_lib.load_labels(str(tmp_path / 'export'))['logit_bias'] == bias
-  with pytest.raises(ValueError, match='3 values for 4 classes'):
+  with pytest.raises(ValueError, match='"logit_bias" must be null or a list of 4 numbers'):
     _export(model, tmp_path / 'other', logit_bias=bias[:3])
 
 
@@ -206,8 +214,10 @@ def test_labels_json_contents(model_dir):
       'ignore_label': 255,
       'image_size': [32, 32],
       'flip': False,
+      'size_multiple': 1,
       'scales': [1.0],
       'logit_bias': None,
+      'class_weights': None,
   }
   with open(model_dir / 'export' / 'labels.json') as f:
     assert json.load(f) == expected
@@ -235,11 +245,12 @@ def test_load_labels_errors_name_the_file(tmp_path):
 
 def test_export_rejects_mismatched_arguments(model, tmp_path):
   with pytest.raises(ValueError, match='4 classes'):
-    export_lib.export_model(model, str(tmp_path), image_size=MODEL_SIZE,
-                            class_names=CLASS_NAMES[:3], class_colors=CLASS_COLORS[:3])
+    export_lib.export_model(model, str(tmp_path), _spec(class_names=tuple(CLASS_NAMES[:3]),
+                                                        class_colors=tuple(CLASS_COLORS[:3])))
   with pytest.raises(ValueError, match='model input'):
-    export_lib.export_model(model, str(tmp_path), image_size=(64, 64),
-                            class_names=CLASS_NAMES, class_colors=CLASS_COLORS)
+    export_lib.export_model(model, str(tmp_path), _spec(image_size=(64, 64)))
+  with pytest.raises(ValueError, match='color'):
+    export_lib.export_model(model, str(tmp_path), _spec(class_colors=((0, 0, 300),) * 4))
 
 
 def test_crash_during_reexport_leaves_no_complete_looking_export(model, tmp_path, monkeypatch):

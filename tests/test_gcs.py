@@ -315,12 +315,12 @@ def test_tuner_keeps_its_state_on_gcs(gcs, clean_data):
 _EXPORT_SCRIPT = '''
 import sys
 import keras
-from trainer import export, model
+from trainer import export, inference, model
 keras.utils.set_random_seed(0)
 net = model.build_unet(num_classes=2, image_size=(32, 32), base_filters=4, depth=2, dropout=0.0)
 for _ in range(int(sys.argv[2])):  # Each export after the first replaces the previous one.
-  export.export_model(net, sys.argv[1], image_size=(32, 32), class_names=['a', 'b'],
-                      class_colors=[[0, 0, 0], [255, 255, 255]])
+  export.export_model(net, sys.argv[1], inference.Spec(
+      class_names=('a', 'b'), class_colors=((0, 0, 0), (255, 255, 255)), image_size=(32, 32)))
 '''
 
 

@@ -334,6 +334,7 @@ def test_calibration_is_fitted_on_train_and_used_by_metrics_export_and_evaluate(
   assert one_scale['eval_scales'] == [1.0]
   assert one_scale['confusion_matrix'] != same['confusion_matrix'], (
       'degenerate test: the scales change no prediction')
+  _evaluate_matches_the_export_on_a_test_only_data_dir(model_dir, tmp_path)
   for value, problem in (('0', 'eval_scales: (0.0,) is out of range'),
                          ('1,x', "'1,x' is not a comma-separated list of numbers")):
     proc = run_module('trainer.evaluate', '--model_dir', model_dir, '--data_dir', smoke_data,
@@ -357,3 +358,33 @@ def test_trainer_turns_on_onednn_before_tensorflow_loads():
     assert _onednn_on_after_importing(module, env), module
   # A user's choice wins.
   assert not _onednn_on_after_importing('trainer.task', {**env, 'TF_ENABLE_ONEDNN_OPTS': '0'})
+
+
+def _evaluate_matches_the_export_on_a_test_only_data_dir(model_dir, tmp_path):
+  """trainer.evaluate reads only frames and labels from the data dir it scores: on a data dir
+  holding nothing but a test split (no train split, so no class counts) its confusion matrix
+  equals, pixel for pixel, the one of the exported SavedModel's class_ids on the same frames."""
+  from tfrecords_builder import features, manifest as manifest_lib, synthetic, writer  # pylint: disable=g-import-not-at-top
+  data_dir = tmp_path / 'test_only'
+  synthetic.generate(str(tmp_path / 'test_raw'), 'segnet', {'test': 5}, (64, 48), seed=11)
+  writer.build(str(tmp_path / 'test_raw'), str(data_dir), num_workers=1, log=lambda *_: None)
+  assert list(manifest_lib.read(str(data_dir)).splits) == ['test']
+  report = tmp_path / 'test_eval.json'
+  proc = run_module('trainer.evaluate', '--model_dir', model_dir, '--data_dir', data_dir,
+                    '--split', 'test', '--output', report)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  result = json.loads(report.read_text())
+  assert result['num_examples'] == 5 and result['calibration']['source'] == 'calibration.json'
+
+  serve = tf.saved_model.load(str(model_dir / 'export' / 'serving')).signatures['serving_default']
+  num_classes = len(result['confusion_matrix'])
+  expected = np.zeros([num_classes] * 2, np.int64)
+  for path in manifest_lib.read(str(data_dir)).shard_paths('test'):
+    for record in tf.data.TFRecordDataset(path):
+      encoded = tf.io.parse_single_example(record, features.FEATURE_SPEC)[features.IMAGE_ENCODED]
+      mask = features.parse_example(record)['mask'].numpy().astype(np.int64)
+      ids = serve(image_bytes=tf.reshape(encoded, [1]))['class_ids'].numpy()[0]
+      keep = mask < num_classes
+      np.add.at(expected, (mask[keep], ids[keep].astype(np.int64)), 1)
+  assert expected.sum() == sum(map(sum, result['confusion_matrix'])) > 0
+  np.testing.assert_array_equal(np.asarray(result['confusion_matrix']), expected)

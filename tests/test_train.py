@@ -8,6 +8,7 @@ from trainer import averaging, configs, losses, train
 from trainer import model as model_lib
 
 NUM_CLASSES = 4
+NAMES = [f'class{i}' for i in range(NUM_CLASSES)]
 
 
 @pytest.mark.parametrize('strength', [0.0, 1.0])
@@ -21,8 +22,8 @@ def test_evaluation_scores_the_logit_adjusted_argmax(strength):
            'mask': rng.integers(0, NUM_CLASSES, (2, 16, 16)).astype(np.int32),
            'valid': np.ones([2], bool)}
   weights = np.array([8.0, 1.0, 0.5, 2.0], np.float32)
-  steps = train.make_steps(model, None, tf.distribute.get_strategy(), config, NUM_CLASSES,
-                           weights)
+  steps = train.make_steps(model, None, tf.distribute.get_strategy(), config,
+                           train.inference_spec(config, NAMES, weights))
   _, _, cm, count = steps.evaluate(iter(tf.data.Dataset.from_tensors(batch)), tf.constant(1))
   assert int(count) == 2
 
@@ -141,8 +142,8 @@ def test_deep_supervision_adds_the_weighted_head_losses():
   main, *heads = train_model(batch['image'], training=True)
   expected = cross_entropy(main) + 0.4 * np.mean([cross_entropy(h) for h in heads])
   head = train_model.get_layer('aux1_logits').kernel.numpy()
-  steps = train.make_steps(model, optimizer, tf.distribute.get_strategy(), config, NUM_CLASSES,
-                           None, train_model=train_model)
+  steps = train.make_steps(model, optimizer, tf.distribute.get_strategy(), config,
+                           train.inference_spec(config, NAMES), train_model=train_model)
   loss_sum, weight_sum, _ = steps.train(iter(tf.data.Dataset.from_tensors(batch).repeat()),
                                         tf.constant(1))
   np.testing.assert_allclose(float(loss_sum / weight_sum), expected, rtol=1e-4)
@@ -166,7 +167,7 @@ def test_jit_compiled_step_trains_like_the_plain_one():
         config, NUM_CLASSES, total_steps=10, steps_per_epoch=5)
     assert train_model is not None and average is None  # aux_loss_weight on, ema_momentum off.
     steps = train.make_steps(model, optimizer, tf.distribute.get_strategy(), config,
-                             NUM_CLASSES, None, train_model=train_model)
+                             train.inference_spec(config, NAMES), train_model=train_model)
     iterator = iter(tf.data.Dataset.from_tensors(batch).repeat())
     first = steps.train(iterator, tf.constant(1))
     second = steps.train(iterator, tf.constant(1))  # After one update: the update ran too.

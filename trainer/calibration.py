@@ -15,9 +15,10 @@ for one class at a time it scores every offset on a grid in one pass (pixels sor
 offset at which they would switch to that class, confusion matrices accumulated per grid step),
 keeps the best, and repeats the sweep over all classes a few times.
 
-The fitted bias is absolute (it already contains the logit adjustment it started from); the
-trainer stores it in model_dir/calibration.json; the final evaluation (metrics.json),
-`trainer.evaluate` and the export add it to the logits before the argmax.
+The fitted bias is absolute (it already contains the logit adjustment it started from). The
+trainer records the fit in model_dir/calibration.json and makes the bias the inference spec's
+(model_dir/inference.json), which the final evaluation (metrics.json), `trainer.evaluate` and
+the export then use.
 """
 
 import json
@@ -28,8 +29,8 @@ import tensorflow as tf
 
 from tfrecords_builder import fileio
 from trainer import data
+from trainer import inference
 from trainer import metrics
-from trainer import model as model_lib
 
 CALIBRATION_NAME = 'calibration.json'
 # Pixels kept per frame (a regular grid). CamVid's 367 train frames then give ~2.5M pixels,
@@ -107,29 +108,26 @@ def fit_bias(logits: np.ndarray, labels: np.ndarray, init_bias: np.ndarray | Non
   return bias.astype(np.float32)
 
 
-def sample_logits(model, manifest, split: str, config,
+def sample_logits(model, manifest, split: str, config, spec: inference.Spec,
                   pixels_per_frame: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-  """The model's evaluation logits (flip-averaged if config.eval_flip) on a pixel grid.
+  """The model's inference logits (inference.logits under `spec`) on a pixel grid of `split`.
 
-  Frames go through the evaluation pipeline (whole frames resized to image_size); logits are
-  resized to label resolution like in evaluation, and a regular grid of at most
-  `pixels_per_frame` pixels per frame is kept (default: PIXELS_PER_FRAME, fewer if the split
-  would exceed MAX_PIXELS). Void pixels are dropped.
+  Frames go through the evaluation pipeline (whole frames resized to image_size) and logits are
+  taken at label resolution, as in evaluation; a regular grid of at most `pixels_per_frame`
+  pixels per frame is kept (default: PIXELS_PER_FRAME, fewer if the split would exceed
+  MAX_PIXELS). Void pixels are dropped.
 
   Returns:
     (logits [N, C] float32, labels [N] int32).
   """
-  num_classes = manifest.num_classes
+  num_classes = spec.num_classes
   if pixels_per_frame is None:
     frames = max(1, manifest.split(split)['num_examples'])
     pixels_per_frame = max(1, min(PIXELS_PER_FRAME, MAX_PIXELS // frames))
 
   @tf.function(reduce_retracing=True)
   def predict(images, size):
-    logits = model_lib.predict_logits(
-        model, images, config.eval_flip, config.eval_scales,
-        model_lib.size_multiple(config.stem_stride, config.depth))
-    return tf.image.resize(logits, size, method='bilinear')
+    return inference.logits(model, images, spec, size)
 
   kept_logits, kept_labels = [], []
   for batch in data.eval_dataset(manifest, split, config):
@@ -151,32 +149,21 @@ def sample_logits(model, manifest, split: str, config,
   return np.concatenate(kept_logits), np.concatenate(kept_labels)
 
 
-def calibrate(model, manifest, split: str, config, init_bias: np.ndarray | None) -> dict:
-  """Fits the bias on `split`; returns the calibration.json record (bias and its effect)."""
-  logits, labels = sample_logits(model, manifest, split, config)
-  num_classes = manifest.num_classes
-  start = (np.zeros(num_classes, np.float32) if init_bias is None
-           else np.asarray(init_bias, np.float32))
+def calibrate(model, manifest, split: str, config, spec: inference.Spec) -> dict:
+  """Fits the bias on `split` starting from spec.bias; returns the calibration.json record."""
+  logits, labels = sample_logits(model, manifest, split, config, spec)
+  num_classes = spec.num_classes
+  start = (np.zeros(num_classes, np.float32) if spec.bias is None
+           else np.asarray(spec.bias, np.float32))
   bias = fit_bias(logits, labels, start) if len(labels) else start
-  before = metrics.mean_iou(confusion(labels, (logits + start).argmax(1), num_classes))
-  after = metrics.mean_iou(confusion(labels, (logits + bias).argmax(1), num_classes))
+  before, after = (
+      metrics.mean_iou(confusion(labels, inference.class_ids(logits, b).numpy(), num_classes))
+      for b in (start, bias))
   return {'split': split, 'num_pixels': int(len(labels)),
-          'class_names': list(manifest.class_names),
+          'class_names': list(spec.class_names),
           'initial_bias': [float(b) for b in start], 'bias': [float(b) for b in bias],
           'mean_iou_before': before, 'mean_iou_after': after}
 
 
 def write(model_dir: str, record: dict) -> None:
   fileio.write_atomic(f'{model_dir}/{CALIBRATION_NAME}', json.dumps(record, indent=2) + '\n')
-
-
-def read_bias(model_dir: str, num_classes: int) -> np.ndarray | None:
-  """The fitted bias of model_dir/calibration.json, or None if the run has none."""
-  path = f'{model_dir}/{CALIBRATION_NAME}'
-  if not tf.io.gfile.exists(path):
-    return None
-  with tf.io.gfile.GFile(path) as f:
-    bias = json.load(f).get('bias')
-  if not isinstance(bias, list) or len(bias) != num_classes:
-    raise ValueError(f'{path}: "bias" must be a list of {num_classes} numbers')
-  return np.asarray(bias, np.float32)

@@ -4,7 +4,10 @@
         [--logit_adjustment A] [--calibration_split S2] [--eval_scales S1,S2,...]
 
 Evaluates the best checkpoint (the latest backup if there is no best yet) with the run's own
-config (model_dir/config.json) through the trainer's evaluation code: metrics at label resolution,
+config (model_dir/config.json) and inference spec (model_dir/inference.json: classes, test-time
+flips and scales, the calibrated decision bias; trainer/inference.py) through the trainer's
+evaluation code, exactly as the exported model predicts. Only frames and labels are read from
+--data_dir, so a data dir holding just a test split works. Metrics at label resolution,
 void excluded, classes absent from labels and predictions left out of the means. Writes
 {"split", "num_examples", "pixel_accuracy", "mean_iou", "per_class": {name: {"iou",
 "precision", "recall", "f1", "support"}}, "confusion_matrix"} (plus loss and macro means) to
@@ -14,11 +17,12 @@ on the train split; the report records the value used. `--eval_scales` likewise 
 run's test-time scales (config eval_scales); pair it with `--calibration_split`, since a
 calibration fitted under other scales no longer fits.
 
-A run trained with `calibration_split` has model_dir/calibration.json (per-class decision biases,
-trainer/calibration.py), which evaluation uses unless `--logit_adjustment` asks for the plain
-adjustment. `--calibration_split` fits such biases afresh on another split of the data dir
-(starting from the logit adjustment), e.g. for a run trained without it; nothing is written to
-model_dir. The report's "calibration" says which biases were used.
+A run trained with `calibration_split` predicts with the per-class decision biases it fitted
+(model_dir/calibration.json records the fit, trainer/calibration.py), unless
+`--logit_adjustment` asks for the plain adjustment. `--calibration_split` fits such biases
+afresh on another split of the data dir (starting from the run's logit adjustment), e.g. for a
+run trained without it; nothing is written to model_dir. The report's "calibration" says which
+biases were used.
 """
 
 import json
@@ -49,68 +53,83 @@ _EVAL_SCALES = flags.DEFINE_list(
     'eval_scales).')
 
 
+def read_spec(model_dir: str):
+  """model_dir's inference spec: inference.json, else (older runs) export/labels.json."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from trainer import export as export_lib, inference  # pylint: disable=g-import-not-at-top
+  for path in (f'{model_dir}/{inference.INFERENCE_NAME}',
+               f'{model_dir}/export/{export_lib.LABELS_NAME}'):
+    if tf.io.gfile.exists(path):
+      try:
+        return inference.read(path)
+      except ValueError as e:
+        raise ConfigError(str(e)) from None
+  raise ConfigError(f'{model_dir}/{inference.INFERENCE_NAME}: not found (nor an export); is '
+                    f'{model_dir} a trainer model_dir? Rerun its training command to write it')
+
+
 def evaluate_model_dir(model_dir: str, data_dir: str, split: str,
                        logit_adjustment: float | None = None,
                        calibration_split: str | None = None,
                        eval_scales: tuple[float, ...] | None = None) -> dict:
   """Restores the best checkpoint of `model_dir` and evaluates `split` of `data_dir`.
 
-  `logit_adjustment`, if given, replaces the run's own value and its calibration.json;
-  `calibration_split`, if given, fits new per-class biases on that split first; `eval_scales`,
-  if given, replaces the run's test-time scales.
+  Predicts as the run's inference spec says (model_dir/inference.json: the calibrated bias,
+  flips, scales); only frames and labels are read from `data_dir`. `logit_adjustment`, if
+  given, replaces the spec's bias by that strength of the logit adjustment;
+  `calibration_split`, if given, fits new per-class biases on that split of `data_dir` first
+  (from the run's logit adjustment); `eval_scales`, if given, replaces the test-time scales.
   """
-  import numpy as np  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from tfrecords_builder import manifest as manifest_lib  # pylint: disable=g-import-not-at-top
-  from trainer import calibration, distribution, train  # pylint: disable=g-import-not-at-top
+  from trainer import calibration, distribution, losses, train  # pylint: disable=g-import-not-at-top
   model_dir = model_dir.rstrip('/')
   config = train.load_config(model_dir)
-  if logit_adjustment is not None:
-    config = config.replace(logit_adjustment=logit_adjustment)
+  spec = read_spec(model_dir)
   if eval_scales is not None:
     config = _with_scales(config, eval_scales)
+    spec = spec.replace(scales=config.eval_scales)
   manifest = manifest_lib.read(data_dir.rstrip('/'))
   manifest.split(split)
   if calibration_split:
     manifest.split(calibration_split)
+  if tuple(manifest.class_names) != spec.class_names:
+    raise ConfigError(f'{data_dir}: classes {", ".join(manifest.class_names)} differ from the '
+                      f'model\'s ({", ".join(spec.class_names)})')
   checkpoint = (tf.train.latest_checkpoint(f'{model_dir}/best') or
                 tf.train.latest_checkpoint(f'{model_dir}/checkpoints'))
   if not checkpoint:
     raise ConfigError(f'{model_dir}: no checkpoint yet (best/ or checkpoints/); train first')
+  if (logit_adjustment or calibration_split) and spec.class_weights is None and (
+      config.class_weighting != 'none'):
+    raise ConfigError(f'{model_dir}: its inference spec predates recorded class weights; '
+                      '--logit_adjustment and --calibration_split need them')
+  adjusted = lambda strength: losses.logit_adjustment_bias(spec.class_weights, strength)
+  calibrated = tf.io.gfile.exists(f'{model_dir}/{calibration.CALIBRATION_NAME}')
+  used = ({'source': calibration.CALIBRATION_NAME, 'bias': list(spec.bias)}
+          if calibrated and spec.bias is not None else None)
+  if logit_adjustment is not None:
+    spec, used = spec.replace(bias=_tuple(adjusted(logit_adjustment))), None
   kind = 'mirrored' if len(tf.config.list_physical_devices('GPU')) > 1 else 'default'
   runtime = distribution.create_runtime(kind, config.mixed_precision)
   with runtime.strategy.scope():
-    model = train.build_model(config, manifest.num_classes)
-  status = tf.train.Checkpoint(model=model).restore(checkpoint).expect_partial()
-  try:
-    status.assert_existing_objects_matched()
-  except AssertionError:
-    raise ConfigError(f'{checkpoint}: does not match the model of {model_dir}/config.json with '
-                      f'{manifest.num_classes} classes from {data_dir}') from None
-  class_weights = train.class_weights_for(config, manifest)
-  steps = train.make_steps(model, None, runtime.strategy, config, manifest.num_classes,
-                           class_weights)
-  used = None
+    model = train.restore_model(config, spec, checkpoint)
   if calibration_split:
-    record = calibration.calibrate(model, manifest, calibration_split, config,
-                                   steps.prediction_bias)
+    start = spec.replace(bias=_tuple(adjusted(config.logit_adjustment)))
+    record = calibration.calibrate(model, manifest, calibration_split, config, start)
+    spec = spec.replace(bias=tuple(record['bias']))
     used = {'source': f'fitted on {calibration_split}', 'bias': record['bias']}
-  elif logit_adjustment is None:
-    try:
-      bias = calibration.read_bias(model_dir, manifest.num_classes)
-    except ValueError as e:
-      raise ConfigError(str(e)) from None
-    if bias is not None:
-      used = {'source': calibration.CALIBRATION_NAME, 'bias': [float(b) for b in bias]}
-  if used is not None:
-    steps = train.make_steps(model, None, runtime.strategy, config, manifest.num_classes,
-                             class_weights, prediction_bias=np.asarray(used['bias']))
-  result = train.evaluate(steps, runtime, manifest, split, config, manifest.class_names)
+  result = train.evaluate_model(model, config, spec, manifest, split, runtime)
   result['checkpoint'] = checkpoint
-  result['logit_adjustment'] = config.logit_adjustment
+  result['logit_adjustment'] = (config.logit_adjustment if logit_adjustment is None
+                                else logit_adjustment)
   result['calibration'] = used
-  result['eval_scales'] = list(config.eval_scales)
+  result['eval_scales'] = list(spec.scales)
   return result
+
+
+def _tuple(values):
+  return None if values is None else tuple(float(v) for v in values)
 
 
 def _with_scales(config, eval_scales):

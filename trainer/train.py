@@ -40,6 +40,7 @@ from trainer import data
 from trainer import distribution
 from trainer import export as export_lib
 from trainer import history as history_lib
+from trainer import inference
 from trainer import losses
 from trainer import metrics as metrics_lib
 from trainer import model as model_lib
@@ -160,31 +161,42 @@ class Steps:
   train: tf.types.experimental.GenericFunction
   evaluate: tf.types.experimental.GenericFunction
   agree: tf.types.experimental.GenericFunction
-  # Added to the logits before every argmax (config.logit_adjustment); None = plain argmax. The
-  # TensorBoard overlays and the export use it too, so every prediction matches the metrics.
-  prediction_bias: np.ndarray | None = None
 
 
-def make_steps(model, optimizer, strategy, config, num_classes, class_weights,
-               prediction_bias: np.ndarray | None = None, train_model=None,
+def inference_spec(config: configs.Config, class_names, class_weights=None, class_colors=None,
+                   ignore_label: int = 255) -> inference.Spec:
+  """How a model trained under `config` with these class weights predicts, before calibration.
+
+  The bias is the config's logit adjustment of the weights; colours default to black.
+  """
+  bias = losses.logit_adjustment_bias(class_weights, config.logit_adjustment)
+  floats = lambda values: None if values is None else tuple(float(v) for v in values)
+  return inference.Spec(
+      class_names=tuple(class_names),
+      class_colors=tuple(tuple(c) for c in (class_colors or [(0, 0, 0)] * len(class_names))),
+      image_size=tuple(config.image_size), size_multiple=size_multiple(config),
+      flip=config.eval_flip, scales=tuple(config.eval_scales), bias=floats(bias),
+      class_weights=floats(class_weights), ignore_label=ignore_label)
+
+
+def make_steps(model, optimizer, strategy, config, spec: inference.Spec, train_model=None,
                average: averaging.WeightAverage | None = None) -> Steps:
   """Builds the distributed train loop, eval loop and a cross-worker flag agreement.
 
-  Predictions add `prediction_bias` (e.g. a fitted calibration) to the logits, by default the
-  config's logit adjustment. `train_model` (model.with_auxiliary_heads of `model`, for
-  aux_loss_weight) is what training steps; evaluation always runs `model`. `average` (for
+  Losses weigh classes by spec.class_weights; predictions are inference.class_ids under
+  spec.bias. `train_model` (model.with_auxiliary_heads of `model`, for aux_loss_weight) is
+  what training steps; evaluation runs `model` through inference.logits. `average` (for
   ema_momentum) is updated after every optimizer step.
   """
+  num_classes = spec.num_classes
+  class_weights = (None if spec.class_weights is None
+                   else np.asarray(spec.class_weights, np.float32))
   loss_kw = {'class_weights': class_weights, 'loss_type': config.loss,
              'focal_gamma': config.focal_gamma}
   scale_loss = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
-  bias = (losses.logit_adjustment_bias(class_weights, config.logit_adjustment)
-          if prediction_bias is None else np.asarray(prediction_bias, np.float32))
 
   def predict(logits):
-    if bias is not None:
-      logits += tf.constant(bias, logits.dtype)
-    return tf.argmax(logits, -1, output_type=tf.int32)
+    return inference.class_ids(logits, spec.bias)
 
   def train_step(batch):
     with tf.GradientTape() as tape:
@@ -250,10 +262,8 @@ def make_steps(model, optimizer, strategy, config, num_classes, class_weights,
     return totals
 
   def eval_step(batch):
-    logits = model_lib.predict_logits(model, batch['image'], config.eval_flip,
-                                      config.eval_scales, size_multiple(config))
     # Metrics at label resolution: predictions go up, labels never down.
-    logits = tf.image.resize(logits, tf.shape(batch['mask'])[1:3], method='bilinear')
+    logits = inference.logits(model, batch['image'], spec, tf.shape(batch['mask'])[1:3])
     valid = tf.cast(batch['valid'], tf.float32)
     loss_sum, weight_sum = losses.pixel_loss_sum(batch['mask'], logits, sample_weight=valid,
                                                  **loss_kw)
@@ -277,7 +287,7 @@ def make_steps(model, optimizer, strategy, config, num_classes, class_weights,
     per_replica = strategy.run(lambda: tf.cast(flag, tf.int32))
     return strategy.reduce('sum', per_replica, axis=None) > 0
 
-  return Steps(train=train_loop, evaluate=eval_loop, agree=agree, prediction_bias=bias)
+  return Steps(train=train_loop, evaluate=eval_loop, agree=agree)
 
 
 def evaluate(steps: Steps, runtime, manifest, split: str, config, class_names) -> dict:
@@ -432,10 +442,15 @@ def run(config: configs.Config, data_dir: str, model_dir: str, *,
     tf.io.gfile.makedirs(model_dir)
     _write_json(f'{model_dir}/{CONFIG_NAME}', resolved)
 
-  class_weights = class_weights_for(config, manifest)
-  if class_weights is not None:
+  spec = inference_spec(config, class_names, class_weights_for(config, manifest),
+                        manifest.class_colors, manifest.ignore_label)
+  if spec.class_weights is not None:
     log('class weights: ' + ', '.join(f'{n} {w:.2f}' for n, w in zip(class_names,
-                                                                      class_weights)))
+                                                                      spec.class_weights)))
+  if runtime.is_chief:
+    # Before training, so a model_dir is evaluable (trainer.evaluate) from its first backup on;
+    # post-training rewrites it with the calibrated bias.
+    inference.write(model_dir, spec)
 
   with strategy.scope():
     model, train_model, optimizer, average = build_trainables(config, num_classes, total_steps,
@@ -475,8 +490,8 @@ def run(config: configs.Config, data_dir: str, model_dir: str, *,
   # Every worker predicts the fixed frames (reading BatchNorm's sync-on-read statistics is a
   # collective under MultiWorkerMirroredStrategy); only the chief's summaries writer records them.
   fixed_frames = data.first_examples(manifest, 'val', config, config.num_summary_images)
-  steps = make_steps(model, optimizer, strategy, config, num_classes, class_weights,
-                     train_model=train_model, average=average)
+  steps = make_steps(model, optimizer, strategy, config, spec, train_model=train_model,
+                     average=average)
   train_input = data.TrainInput(manifest, config)
   cached = train_input.caches(runtime.num_workers)
   log(f'train frames: {"decoded once, kept in memory" if cached else "decoded every epoch"} '
@@ -523,10 +538,8 @@ def run(config: configs.Config, data_dir: str, model_dir: str, *,
                       else {'loss': None, 'pixel_accuracy': None, 'mean_iou': None})
         if fixed_frames and validate:
           images = np.stack([f['image'] for f in fixed_frames])
-          logits = np.asarray(model(images, training=False))
-          if steps.prediction_bias is not None:
-            logits = logits + steps.prediction_bias
-          summaries.overlays(epoch, fixed_frames, list(np.argmax(logits, -1)))
+          predictions = inference.predict(model, images, spec, config.image_size).numpy()
+          summaries.overlays(epoch, fixed_frames, list(predictions))
         if validate and ((val_result['mean_iou'] or 0.0) >
                          float(best_miou) + config.early_stopping_min_delta):
           best_miou.assign(val_result['mean_iou'])
@@ -566,7 +579,8 @@ def run(config: configs.Config, data_dir: str, model_dir: str, *,
   log(f'worker {runtime.worker_index}: final weights checksum {weights_checksum(model):.9e}')
   if not runtime.is_chief:
     return {}
-  return finish(config, manifest, model_dir, best_dir, runtime, log, export)
+  return finish(config, spec, manifest, model_dir, tf.train.latest_checkpoint(best_dir), log,
+                export)
 
 
 def weights_checksum(model) -> float:
@@ -574,25 +588,40 @@ def weights_checksum(model) -> float:
   return float(sum(np.abs(np.asarray(v, np.float64)).sum() for v in model.trainable_weights))
 
 
-def finish(config, manifest, model_dir: str, best_dir: str, runtime, log,
-           export: bool = True) -> dict:
-  """Chief only: calibrates (if configured), evaluates the best checkpoint on val, exports.
+def restore_model(config: configs.Config, spec: inference.Spec, checkpoint: str) -> keras.Model:
+  """The inference model (whole frames) of `config` with `checkpoint`'s weights."""
+  model = build_model(config, spec.num_classes)
+  status = tf.train.Checkpoint(model=model).restore(checkpoint).expect_partial()
+  try:
+    status.assert_existing_objects_matched()
+  except AssertionError:
+    raise ConfigError(f'{checkpoint}: does not match the model of its config.json with '
+                      f'{spec.num_classes} classes') from None
+  return model
 
-  Runs on a fresh single-device model restored from the checkpoint, so no collective op (which
-  the other workers would have to join) is involved.
+
+def evaluate_model(model, config, spec: inference.Spec, manifest, split: str,
+                   runtime: distribution.Runtime | None = None) -> dict:
+  """Evaluates `split` with `model` under `spec` (default: this process alone, one device)."""
+  runtime = runtime or distribution.Runtime(
+      strategy=tf.distribute.get_strategy(), kind='default', is_chief=True, worker_index=0,
+      num_workers=1, precision=keras.mixed_precision.global_policy().name)
+  steps = make_steps(model, None, runtime.strategy, config, spec)
+  return evaluate(steps, runtime, manifest, split, config, list(spec.class_names))
+
+
+def finish(config, spec: inference.Spec, manifest, model_dir: str, checkpoint: str, log,
+           export: bool = True) -> dict:
+  """Post-training, chief only: calibration (if configured), final evaluation on val, export.
+
+  Runs on a fresh single-device model restored from `checkpoint` (the best), so no collective
+  op (which the other workers would have to join) is involved. Writes calibration.json,
+  inference.json (the spec with the calibrated bias), metrics.json and export/.
   """
-  best = tf.train.latest_checkpoint(best_dir)
-  single = distribution.Runtime(strategy=tf.distribute.get_strategy(), kind='default',
-                                is_chief=True, worker_index=0, num_workers=1,
-                                precision=runtime.precision)
-  model = build_model(config, manifest.num_classes)
-  tf.train.Checkpoint(model=model).restore(best).expect_partial().assert_existing_objects_matched()
-  class_weights = class_weights_for(config, manifest)
-  steps = make_steps(model, None, single.strategy, config, manifest.num_classes, class_weights)
+  model = restore_model(config, spec, checkpoint)
   uncalibrated = None
   if config.calibration_split:
-    record = calibration.calibrate(model, manifest, config.calibration_split, config,
-                                   steps.prediction_bias)
+    record = calibration.calibrate(model, manifest, config.calibration_split, config, spec)
     calibration.write(model_dir, record)
     change = np.asarray(record['bias']) - np.asarray(record['initial_bias'])
     # None when the split has no labelled pixels (the bias then stays at its start).
@@ -600,26 +629,21 @@ def finish(config, manifest, model_dir: str, best_dir: str, runtime, log,
                      for v in (record['mean_iou_before'], record['mean_iou_after']))
     log(f'calibration on {record["split"]} ({record["num_pixels"]} pixels): mIoU there '
         f'{before} -> {after}; bias change ' +
-        ', '.join(f'{n} {d:+.1f}' for n, d in zip(manifest.class_names, change) if d))
-    uncalibrated = evaluate(steps, single, manifest, 'val', config, manifest.class_names)
-    steps = make_steps(model, None, single.strategy, config, manifest.num_classes,
-                       class_weights, prediction_bias=np.asarray(record['bias']))
-  result = evaluate(steps, single, manifest, 'val', config, manifest.class_names)
-  result['checkpoint'] = best
+        ', '.join(f'{n} {d:+.1f}' for n, d in zip(spec.class_names, change) if d))
+    uncalibrated = evaluate_model(model, config, spec, manifest, 'val')
+    spec = spec.replace(bias=tuple(record['bias']))
+  inference.write(model_dir, spec)
+  result = evaluate_model(model, config, spec, manifest, 'val')
+  result['checkpoint'] = checkpoint
   if uncalibrated is not None:
     result['calibration_split'] = config.calibration_split
     result['uncalibrated'] = {k: uncalibrated[k] for k in ('mean_iou', 'pixel_accuracy')}
     log(f'val without calibration: mIoU {uncalibrated["mean_iou"]:.4f}, pixel accuracy '
         f'{uncalibrated["pixel_accuracy"]:.4f}')
   _write_json(f'{model_dir}/{METRICS_NAME}', result)
-  log(f'best checkpoint {best}: val mIoU {result["mean_iou"]:.4f}, pixel accuracy '
+  log(f'best checkpoint {checkpoint}: val mIoU {result["mean_iou"]:.4f}, pixel accuracy '
       f'{result["pixel_accuracy"]:.4f}')
-  if not export:
-    return result
-  export_lib.export_model(model, f'{model_dir}/export', image_size=config.image_size,
-                          class_names=manifest.class_names, class_colors=manifest.class_colors,
-                          ignore_label=manifest.ignore_label, flip=config.eval_flip,
-                          scales=config.eval_scales, multiple=size_multiple(config),
-                          logit_bias=steps.prediction_bias)
-  log(f'exported to {model_dir}/export')
+  if export:
+    export_lib.export_model(model, f'{model_dir}/export', spec)
+    log(f'exported to {model_dir}/export')
   return result
