@@ -196,8 +196,8 @@ def make_steps(model, optimizer, strategy, config, num_classes, class_weights,
       # Deep supervision: the mean of the heads' pixel losses with the same pixel weights and
       # normalisation as the main loss, each at its head's own resolution against the mask
       # subsampled nearest (nnU-Net's downsampled targets), a head position weighted by the
-      # crop pixels it stands for. Upsampling the heads' logits to the crop instead made
-      # `small`'s step 1.24x dearer, this 1.04x (README, Benchmarks).
+      # crop pixels it stands for. At their own resolution the heads make `small`'s step about
+      # 1.04x dearer; upsampled to the crop, 1.24x (README, Benchmarks).
       for aux in aux_logits:
         strides = tf.shape(batch['mask'])[1:3] // tf.shape(aux)[1:3]
         mask = batch['mask'][:, strides[0] // 2::strides[0], strides[1] // 2::strides[1]]
@@ -391,9 +391,9 @@ def run(config: configs.Config, data_dir: str, model_dir: str, *,
                                                    config.peer_timeout_seconds)
   strategy = runtime.strategy
   if config.jit_compile and runtime.kind != 'default':
-    # Measured on 2 logical CPUs under MirroredStrategy: XLA's step reads replica 1's variables
-    # from replica 0's device and fails (tensorflow/tensorflow#45940, on GPUs too); Keras' own
-    # jit_compile="auto" turns XLA off under any tf.distribute strategy for the same reason.
+    # Under these strategies XLA's step reads replica 1's variables from replica 0's device and
+    # fails (tensorflow/tensorflow#45940, on GPUs too); Keras' own jit_compile="auto" turns XLA
+    # off under any tf.distribute strategy for the same reason.
     raise ConfigError(f'jit_compile: XLA cannot compile the step under the {runtime.kind} '
                       'strategy (replicas keep variables on other devices); use it with '
                       '--strategy default')

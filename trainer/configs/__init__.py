@@ -3,7 +3,8 @@
 from trainer.configs.base import Config, FIELDS, REMOVED_OPTIONS, from_json, override, validate  # pylint: disable=unused-import
 from trainer.configs.presets import PRESETS
 
-__all__ = ['Config', 'FIELDS', 'PRESETS', 'REMOVED_OPTIONS', 'from_json', 'get_config', 'override', 'validate']
+__all__ = ['Config', 'FIELDS', 'PRESETS', 'REMOVED_OPTIONS', 'from_json', 'get_config', 'override',
+           'validate']
 
 
 def get_config(name: str) -> Config:
