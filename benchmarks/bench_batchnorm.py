@@ -45,8 +45,6 @@ def make_step(config, fused: bool, batch, average_momentum: float = 0.0):
                                base_filters=config.base_filters, depth=config.depth,
                                dropout=config.dropout, bn_momentum=config.bn_momentum,
                                any_size=True, stem_stride=config.stem_stride,
-                               residual=config.residual, refine_filters=config.refine_filters,
-                               bottleneck_filters=config.bottleneck_filters,
                                fused_batchnorm=fused)
   optimizer = keras.optimizers.AdamW(config.learning_rate)
   average = averaging.WeightAverage(model, average_momentum) if average_momentum else None

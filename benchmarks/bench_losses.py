@@ -5,12 +5,9 @@
 Times one `tf.function` computing a loss and its gradient with respect to random logits
 [batch, size, size, classes] (random labels, a few void rows, class weights), after three
 warm-up calls; median of three rounds of `--steps` calls. Rows: TensorFlow's fused
-`sparse_softmax_cross_entropy_with_logits` kernel (what trainer.losses used before), the
-trainer's cross-entropy (a gather from one log-softmax), that plus the soft Dice term sharing
-the log-softmax (what the train step does with `dice_weight`), and the same two computed
-separately (each its own softmax), and the cross-entropy with online hard example mining (a
-top-k over the pixels' losses; `ohem_threshold` 0.7). Last line: RESULT
-kernel_vs_gather_ce=<float>, the fused kernel's time over the trainer's cross-entropy's.
+`sparse_softmax_cross_entropy_with_logits` kernel and the trainer's cross-entropy (a gather
+from one log-softmax). Last line: RESULT kernel_vs_gather_ce=<float>, the fused kernel's time
+over the trainer's cross-entropy's.
 """
 
 import argparse
@@ -75,23 +72,8 @@ def main():
   def gather_ce(g):
     return losses.mean_pixel_loss(labels, g, class_weights=weights)
 
-  def shared_ce_dice(g):
-    log_probs = losses.log_probabilities(g)
-    return (losses.mean_pixel_loss(labels, log_probs, class_weights=weights, normalized=True) +
-            losses.soft_dice(labels, log_probs, normalized=True))
-
-  def separate_ce_dice(g):
-    return gather_ce(g) + losses.soft_dice(labels, g)
-
-  def ohem_ce(g):
-    return losses.mean_pixel_loss(labels, g, class_weights=weights, ohem_threshold=0.7,
-                                  ohem_min_kept=0.1)
-
   rows = [('fused sparse softmax cross-entropy kernel', kernel_ce),
-          ('trainer cross-entropy (gather from log-softmax)', gather_ce),
-          ('trainer cross-entropy + Dice, one shared log-softmax', shared_ce_dice),
-          ('trainer cross-entropy + Dice, separate softmaxes', separate_ce_dice),
-          ('trainer cross-entropy, hard-pixel mining (OHEM)', ohem_ce)]
+          ('trainer cross-entropy (gather from log-softmax)', gather_ce)]
   print(f'logits {args.batch}x{args.size}x{args.size}x{args.classes}, forward + backward, '
         f'median of 3 rounds of {args.steps} calls')
   times = {}

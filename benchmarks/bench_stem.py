@@ -1,16 +1,13 @@
 """What the stride-2 stem (`stem_stride`) saves: one training step of the same U-Net with and without it.
 
     python benchmarks/bench_stem.py [--base_filters 16] [--depth 4] [--batch 4] [--steps 12]
-        [--residual] [--refine_filters N] [--bottleneck_filters N]
 
 For each (stem_stride, crop) row it builds the model with trainer.model.build_unet, compiles it
 with AdamW and sparse cross-entropy, and times `train_on_batch` on in-memory tensors after three
 warm-up steps (no data pipeline: this isolates the model's cost). The rows are the previous
 `small` (no stem, 128x128 crops), the same U-Net behind the stem at the same crops, and the
-current `small` (stem, 192x192 crops); `--residual`, `--refine_filters` and
-`--bottleneck_filters` (model.py) time those options (the refinement in the stem rows only).
-Last line: RESULT stem_speedup_same_crop=<float>, the per-image speed-up of the stem at
-128x128 crops.
+current `small` (stem, 192x192 crops). Last line: RESULT stem_speedup_same_crop=<float>, the
+per-image speed-up of the stem at 128x128 crops.
 """
 
 import argparse
@@ -35,10 +32,7 @@ NUM_CLASSES = 11
 def images_per_second(stem_stride: int, crop: int, args) -> tuple[float, int]:
   model = model_lib.build_unet(NUM_CLASSES, image_size=(crop, crop),
                                base_filters=args.base_filters, depth=args.depth, dropout=0.0,
-                               bn_momentum=0.9, any_size=True, stem_stride=stem_stride,
-                               residual=args.residual,
-                               refine_filters=args.refine_filters if stem_stride == 2 else 0,
-                               bottleneck_filters=args.bottleneck_filters)
+                               bn_momentum=0.9, any_size=True, stem_stride=stem_stride)
   model.compile(optimizer=keras.optimizers.AdamW(1e-3),
                 loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
   rng = np.random.default_rng(0)
@@ -59,14 +53,9 @@ def main():
   parser.add_argument('--depth', type=int, default=4)
   parser.add_argument('--batch', type=int, default=4)
   parser.add_argument('--steps', type=int, default=12)
-  parser.add_argument('--residual', action='store_true')
-  parser.add_argument('--refine_filters', type=int, default=0)
-  parser.add_argument('--bottleneck_filters', type=int, default=None)
   args = parser.parse_args()
   print(f'machine: {os.cpu_count()} cores; U-Net base {args.base_filters}, depth {args.depth}, '
-        f'batch {args.batch}, residual {args.residual}, refine_filters {args.refine_filters}, '
-        f'bottleneck_filters {args.bottleneck_filters or "default"}, '
-        f'oneDNN {os.environ["TF_ENABLE_ONEDNN_OPTS"]}')
+        f'batch {args.batch}, oneDNN {os.environ["TF_ENABLE_ONEDNN_OPTS"]}')
   rates = {}
   for stem_stride, crop in ((1, 128), (2, 128), (2, 192)):
     rate, params = images_per_second(stem_stride, crop, args)

@@ -6,7 +6,7 @@
 Builds the config's training U-Net, optimizer and weight average as the trainer does
 (trainer.train.build_trainables: crops, width, deep-supervision heads, the fused BatchNorm of
 one replica) twice, as the preset and with `--hparams` (JSON, the trainer's --hparams_file
-fields, e.g. aux_loss_weight for deep supervision, fullres_filters, ema_momentum), and times
+fields, e.g. aux_loss_weight for deep supervision, ema_momentum, crop_size), and times
 the train loop of trainer.train.make_steps (forward, class-weighted losses, backward, AdamW
 update, weight average, confusion matrix) one step per call on an in-memory batch of the
 config's crops. The two alternate for an untimed round, then `--rounds` rounds of `--steps`

@@ -35,7 +35,7 @@ def main():
   args = parser.parse_args()
   config = configs.get_config('smoke').replace(
       dropout=0.0, sync_batchnorm=True, lr_schedule='constant', learning_rate=0.1, optimizer='sgd',
-      batch_size=args.batch, loss='ce')
+      batch_size=args.batch)
   runtime = distribution.create_runtime('multi_worker' if args.mode == 'multi' else 'default',
                                         'float32', timeout_seconds=120)
   strategy = runtime.strategy

@@ -17,16 +17,12 @@ def test_every_preset_validates(name):
 
 @pytest.mark.parametrize('field, value', [
     ('batch_size', 0), ('epochs', 0), ('learning_rate', 0.0), ('dropout', 1.0),
-    ('bottleneck_filters', 0),
     ('scale_min', 2.0),  # Above scale_max.
-    ('refine_filters', -1),
-    ('fullres_filters', -1),
-    ('weight_decay', -1e-4), ('focal_gamma', -1.0), ('max_class_weight', 0.0),
+    ('weight_decay', -1e-4), ('max_class_weight', 0.0),
     ('clipnorm', 0.0), ('base_batch_size', 0), ('eval_batch_size', 0), ('shuffle_buffer', 0),
     ('cache_decoded_mb', -1), ('brightness', -0.1), ('contrast', 1.5), ('saturation', 2.0),
     ('num_summary_images', -1), ('profile_steps', (5, 2)), ('profile_steps', (-1, 2)),
-    ('logit_adjustment', 1.5), ('calibration_split', ''), ('ohem_threshold', 1.0),
-    ('ohem_min_kept', 0.0), ('label_smoothing', 1.0), ('label_smoothing', -0.1),
+    ('logit_adjustment', 1.5), ('calibration_split', ''),
     ('eval_scales', ()), ('eval_scales', (0.0, 1.0)), ('eval_scales', (4.5,)),
     ('eval_scales', (0.1, 1.0)),  # 288 x 0.1 is less than one 32-pixel stride of `small`.
 ])
@@ -36,27 +32,19 @@ def test_out_of_range_values_are_refused_by_name(field, value):
     configs.validate(config.replace(**{field: value}))
 
 
-@pytest.mark.parametrize('field, value, other, message', [
-    ('label_smoothing', 0.1, {'loss': 'focal'}, "needs loss 'ce', not loss 'focal'"),
-    ('refine_filters', 4, {'stem_stride': 1}, 'needs stem_stride 2, not stem_stride 1'),
-    ('subpixel_logits', True, {'stem_stride': 1}, 'needs stem_stride 2, not stem_stride 1'),
-    ('fullres_filters', 8, {'stem_stride': 1}, 'needs stem_stride 2, not stem_stride 1'),
-    ('fullres_filters', 8, {'subpixel_logits': True},
-     'needs subpixel_logits false, not subpixel_logits true'),
-])
-def test_values_that_need_another_field_name_both(field, value, other, message):
-  config = configs.get_config('small').replace(**{field: value})
-  configs.validate(config)  # Fine with the preset's other fields.
-  # A stride-1 U-Net of depth 4 needs sizes that are multiples of 16 (checked first).
-  with pytest.raises(ValueError, match=f'^{field}: {value!r} {message}$'):
-    configs.validate(config.replace(**other, image_size=(256, 256), crop_size=(128, 128)))
+def test_values_that_need_another_field_name_both():
+  config = configs.get_config('small')
+  configs.validate(config.replace(aux_loss_weight=1.0))  # Fine with the preset's depth 4.
+  # The deep-supervision heads need a decoder level besides the last.
+  with pytest.raises(ValueError, match='^aux_loss_weight: 1.0 needs depth >= 2, not depth 1$'):
+    configs.validate(config.replace(aux_loss_weight=1.0, depth=1))
 
 
 @pytest.mark.parametrize('field, value', [
-    ('weight_decay', 0.0), ('focal_gamma', 0.0), ('max_class_weight', 10.0), ('clipnorm', 1.0),
+    ('weight_decay', 0.0), ('max_class_weight', 10.0), ('clipnorm', 1.0),
     ('eval_batch_size', 1), ('cache_decoded_mb', 0), ('brightness', 1.0), ('contrast', 0.0),
     ('num_summary_images', 0), ('profile_steps', (0, 0)), ('profile_steps', (3, 9)),
-    ('label_smoothing', 0.1), ('eval_scales', (0.75, 1.0, 1.25)), ('eval_scales', (4.0,)),
+    ('eval_scales', (0.75, 1.0, 1.25)), ('eval_scales', (4.0,)),
     ('eval_scales', (0.12,)),  # 288 x 0.12 rounds to 35 pixels: one stride, padded to 64.
 ])
 def test_boundary_values_are_accepted(field, value):

@@ -1,11 +1,15 @@
 """Tests of the trainer's distributed step functions (trainer/train.py make_steps) on one device."""
 
+import json
+import re
+
 import numpy as np
 import pytest
 import tensorflow as tf
 
 from trainer import averaging, configs, losses, train
 from trainer import model as model_lib
+from trainer.errors import ConfigError
 
 NUM_CLASSES = 4
 NAMES = [f'class{i}' for i in range(NUM_CLASSES)]
@@ -41,15 +45,14 @@ def test_evaluation_scores_the_logit_adjusted_argmax(strength):
 def test_training_model_fuses_batchnorm_on_one_replica(tmp_path):
   """Training builds use the fused kernel (same variables), evaluation and export Keras BN.
 
-  With the stem's full-resolution level, whose layers both builds must hold.
+  With the stride-2 stem, whose layers both builds must hold.
   """
-  config = configs.get_config('smoke').replace(sync_batchnorm=True, stem_stride=2,
-                                               fullres_filters=2)
+  config = configs.get_config('smoke').replace(sync_batchnorm=True, stem_stride=2)
   tf.keras.utils.set_random_seed(1)
   training = train.build_model(config, NUM_CLASSES, training=True)
   plain = train.build_model(config, NUM_CLASSES)
-  assert isinstance(training.get_layer('fullres_bn2'), model_lib.FusedBatchNormalization)
-  assert plain.get_layer('fullres_conv2').filters == 2
+  assert isinstance(training.get_layer('stem_bn1'), model_lib.FusedBatchNormalization)
+  assert plain.get_layer('stem_conv1').filters == config.base_filters
   fused = [l for l in training.layers if isinstance(l, model_lib.FusedBatchNormalization)]
   assert fused and not any(isinstance(l, model_lib.FusedBatchNormalization)
                            for l in plain.layers)
@@ -174,3 +177,16 @@ def test_jit_compiled_step_trains_like_the_plain_one():
     results.append([float(first[0] / first[1]), float(second[0] / second[1])])
   np.testing.assert_allclose(results[1], results[0], rtol=1e-4)
   assert results[0][1] < results[0][0]
+
+
+def test_load_config_ignores_removed_options_left_off_and_refuses_used_ones(tmp_path):
+  """An old config.json may hold removed fields: at their old default the run is today's model."""
+  recorded = json.loads(configs.get_config('smoke').to_json())
+  (tmp_path / 'config.json').write_text(json.dumps(
+      recorded | configs.REMOVED_OPTIONS | {'num_replicas': 1}))
+  assert train.load_config(str(tmp_path)) == configs.get_config('smoke')
+  for name, value in (('residual', True), ('loss', 'focal'), ('bottleneck_filters', 512)):
+    (tmp_path / 'config.json').write_text(json.dumps(recorded | {name: value}))
+    message = f'{tmp_path}/config.json: the run used {name} {json.dumps(value)}, removed from'
+    with pytest.raises(ConfigError, match='^' + re.escape(message)):
+      train.load_config(str(tmp_path))

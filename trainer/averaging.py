@@ -2,8 +2,8 @@
 
 Keras' own (`optimizer(use_ema=True)` with `keras.callbacks.SwapEMAWeights`) averages only the
 trainable variables, so a BatchNorm network is evaluated with averaged kernels but the moving
-statistics of the raw ones. Measured here on `small` (real CamVid, ema momentum 0.999), that
-mismatch cost val mIoU 0.12 and 0.20 at epoch 16, where plain training scores 0.46-0.53. Like
+statistics of the raw ones, a mismatch that costs `small` most of its val mIoU
+(docs/experiments.md). Like
 TF Model Garden's ExponentialMovingAverage optimizer, this average covers `model.weights`
 (kernels and BatchNorm statistics alike) and uses its warm-up of the decay, min(momentum,
 (1 + step) / (10 + step)), so early steps do not drag the initial weights along.

@@ -14,9 +14,6 @@ logits back to the input size. On a CPU the full-resolution level (few channels 
 pixels) is memory-bound and costs about two thirds of a training step; the stem removes it, so
 the same filters and parameters train ~3x faster per image (benchmarks/bench_stem.py), or see a
 larger input at the cost of the old one.
-
-`residual` and `refine_filters` are measured alternatives, off in every preset: on CamVid
-neither beat the plain `small` U-Net (README, "Quality on real CamVid", Architecture).
 """
 
 from collections.abc import Sequence
@@ -56,27 +53,23 @@ class FusedBatchNormalization(keras.layers.BatchNormalization):
     return tf.cast(outputs, inputs.dtype)
 
 
-def _conv_bn_relu(x, filters: int, prefix: str, index: int, norm, strides: int = 1,
-                  shortcut=None):
+def _conv_bn_relu(x, filters: int, prefix: str, index: int, norm, strides: int = 1):
   """Applies one 3x3 'same' convolution (stride `strides`), batch normalisation and ReLU.
 
   The convolution keeps its bias (the Keras default) because the seed notebook did; the
   parameter count and checkpoints therefore match it exactly, even though BN makes the bias
-  redundant. `norm(name)` makes the BatchNormalization layer. A `shortcut` tensor (same shape
-  as the output) is added before the ReLU: a residual block.
+  redundant. `norm(name)` makes the BatchNormalization layer.
   """
   x = keras.layers.Conv2D(filters, 3, strides=strides, padding='same',
                           name=f'{prefix}_conv{index}')(x)
   x = norm(f'{prefix}_bn{index}')(x)
-  if shortcut is not None:
-    x = keras.layers.Add(name=f'{prefix}_add{index}')([shortcut, x])
   return keras.layers.ReLU(name=f'{prefix}_relu{index}')(x)
 
 
-def _level(x, filters: int, prefix: str, norm, residual: bool):
-  """Two conv-BN-ReLU blocks; with `residual` the second adds the first's output (He et al.)."""
+def _level(x, filters: int, prefix: str, norm):
+  """Two conv-BN-ReLU blocks."""
   x = _conv_bn_relu(x, filters, prefix, 1, norm)
-  return _conv_bn_relu(x, filters, prefix, 2, norm, shortcut=x if residual else None)
+  return _conv_bn_relu(x, filters, prefix, 2, norm)
 
 
 def build_unet(num_classes: int,
@@ -89,12 +82,7 @@ def build_unet(num_classes: int,
                any_size: bool = False,
                bn_momentum: float = 0.99,
                stem_stride: int = 1,
-               residual: bool = False,
-               refine_filters: int = 0,
-               bottleneck_filters: int | None = None,
-               fused_batchnorm: bool = False,
-               subpixel_logits: bool = False,
-               fullres_filters: int = 0) -> keras.Model:
+               fused_batchnorm: bool = False) -> keras.Model:
   """Builds a U-Net that maps [0, 1]-scaled RGB images to per-pixel class logits.
 
   Args:
@@ -102,7 +90,7 @@ def build_unet(num_classes: int,
     image_size: (height, width) of the input; both must be divisible by stem_stride * 2**depth
       so every pooled feature map upsamples back to exactly the size of its skip connection.
     base_filters: Filters of the first encoder level; level i uses base_filters * 2**i and the
-      bottleneck base_filters * 2**depth unless bottleneck_filters is given.
+      bottleneck base_filters * 2**depth.
     depth: Number of encoder (and decoder) levels.
     dropout: Dropout rate used after the last pool, the bottleneck and every decoder level but
       the last. 0 omits the Dropout layers altogether.
@@ -116,24 +104,6 @@ def build_unet(num_classes: int,
     stem_stride: 1 = the notebook's U-Net. 2 = a stride-2 3x3 conv-BN-ReLU stem with
       base_filters filters runs the U-Net at half resolution; its logits are upsampled
       bilinearly to the input size.
-    residual: Make every level's second conv block residual (its input added before the ReLU;
-      no extra parameters).
-    refine_filters: With the stem, > 0 adds a full-resolution refinement of the upsampled
-      logits: a 3x3 conv-ReLU with this many filters over [logits, image], then a 3x3 conv to a
-      logit correction (zero-initialised, so training starts from plain upsampling). 0 = off.
-    bottleneck_filters: Filters of the bottleneck level (None = base_filters * 2**depth). It
-      runs at 1/(stem_stride * 2**depth) of the input, so widening it adds parameters at
-      little cost per step.
-    subpixel_logits: With the stem, add a learned sub-pixel correction to the upsampled
-      logits: a transposed 2x2 convolution with stride 2 (each feature position predicts its
-      own logits for each of the stem_stride**2 input pixels it covers; DUC, Wang et al. 2018,
-      "Understanding Convolution for Semantic Segmentation") of the last decoder features,
-      zero-initialised, so training starts from plain upsampling.
-    fullres_filters: With the stem, > 0 restores a light full-resolution level: a 3x3
-      conv-BN-ReLU with this many filters over the image, concatenated with the last decoder
-      level's features upsampled bilinearly, then a 3x3 conv-BN-ReLU with this many filters
-      and the logits computed at the input's resolution instead of upsampled from the stem's.
-      Not with subpixel_logits (there are no upsampled logits to correct). 0 = off.
     fused_batchnorm: Train with FusedBatchNormalization (TensorFlow's fused kernel; faster on a
       CPU, the same variables and inference). Not with sync_batchnorm: the kernel only sees
       its own replica's batch.
@@ -151,18 +121,8 @@ def build_unet(num_classes: int,
     raise ValueError(f'stem_stride must be 1 or 2, got {stem_stride}')
   if depth < 1:
     raise ValueError(f'depth must be >= 1, got {depth}')
-  if subpixel_logits and stem_stride == 1:
-    raise ValueError('subpixel_logits needs stem_stride 2')
-  if fullres_filters < 0 or (fullres_filters and (stem_stride == 1 or subpixel_logits)):
-    raise ValueError(f'fullres_filters must be >= 0 and needs stem_stride 2 without '
-                     f'subpixel_logits, got {fullres_filters} with stem_stride {stem_stride}')
-  if refine_filters < 0 or (refine_filters and stem_stride == 1):
-    raise ValueError(f'refine_filters must be >= 0 and needs stem_stride 2, got '
-                     f'{refine_filters} with stem_stride {stem_stride}')
   if base_filters < 1:
     raise ValueError(f'base_filters must be >= 1, got {base_filters}')
-  if bottleneck_filters is not None and bottleneck_filters < 1:
-    raise ValueError(f'bottleneck_filters must be >= 1, got {bottleneck_filters}')
   if fused_batchnorm and sync_batchnorm:
     raise ValueError('fused_batchnorm needs sync_batchnorm False')
   if not 0.0 <= dropout < 1.0:
@@ -185,23 +145,19 @@ def build_unet(num_classes: int,
   x = inputs
   if stem_stride > 1:
     x = _conv_bn_relu(x, base_filters, 'stem', 1, norm, stem_stride)
-  if fullres_filters:
-    full = _conv_bn_relu(inputs, fullres_filters, 'fullres', 1, norm)
 
   # Encoder: keep each level's pre-pool activation as the skip connection.
   skips = []
   for level in range(1, depth + 1):
     filters = base_filters * 2**(level - 1)
     prefix = f'enc{level}'
-    x = _level(x, filters, prefix, norm, residual)
+    x = _level(x, filters, prefix, norm)
     skips.append(x)
     x = keras.layers.MaxPooling2D(2, name=f'{prefix}_pool')(x)
   if dropout > 0:
     x = keras.layers.Dropout(dropout, name=f'enc{depth}_dropout')(x)
 
-  if bottleneck_filters is None:
-    bottleneck_filters = base_filters * 2**depth
-  x = _level(x, bottleneck_filters, 'bottleneck', norm, residual)
+  x = _level(x, base_filters * 2**depth, 'bottleneck', norm)
   if dropout > 0:
     x = keras.layers.Dropout(dropout, name='bottleneck_dropout')(x)
 
@@ -212,45 +168,18 @@ def build_unet(num_classes: int,
     x = keras.layers.Conv2DTranspose(
         filters, 3, strides=2, padding='same', name=f'{prefix}_up')(x)
     x = keras.layers.Concatenate(name=f'{prefix}_concat')([x, skips[depth - level]])
-    x = _level(x, filters, prefix, norm, residual)
+    x = _level(x, filters, prefix, norm)
     # The seed notebook regularises every decoder level except the one feeding the head.
     if dropout > 0 and level < depth:
       x = keras.layers.Dropout(dropout, name=f'{prefix}_dropout')(x)
-
-  if fullres_filters:
-    # Poles and sign posts are two or three pixels wide at the input's resolution and below
-    # one position at the stem's: a few channels over every pixel let the image's own edges
-    # place them, at a fraction of the full U-Net level's cost (many channels, two convs per
-    # side).
-    x = keras.layers.UpSampling2D(stem_stride, interpolation='bilinear',
-                                  name='fullres_upsample')(x)
-    x = keras.layers.Concatenate(name='fullres_concat')([x, full])
-    x = _conv_bn_relu(x, fullres_filters, 'fullres', 2, norm)
 
   # The head computes in float32 so logits (and hence the loss and softmax) keep full
   # precision when the rest of the model runs under a mixed_float16/mixed_bfloat16 policy.
   logits = keras.layers.Conv2D(
       num_classes, 3, padding='same', dtype='float32', name='logits')(x)
-  if stem_stride > 1 and not fullres_filters:
+  if stem_stride > 1:
     logits = keras.layers.UpSampling2D(stem_stride, interpolation='bilinear', dtype='float32',
                                        name='logits_upsample')(logits)
-    if subpixel_logits:
-      # Poles are two or three pixels wide in a 480-pixel frame: below one position at the
-      # stem's resolution, where bilinear upsampling can only smear them. The stem conv saw
-      # every input pixel, so the features can say which of the positions' pixels is a pole.
-      correction = keras.layers.Conv2DTranspose(
-          num_classes, stem_stride, strides=stem_stride, kernel_initializer='zeros',
-          dtype='float32', name='subpixel_logits')(x)
-      logits = keras.layers.Add(dtype='float32', name='subpixel_add')([logits, correction])
-    if refine_filters:
-      # Thin objects (poles, signs) are one or two pixels wide at the stem's resolution; this
-      # lets the image's own edges sharpen the upsampled scores at little cost (few channels).
-      r = keras.layers.Concatenate(dtype='float32', name='refine_concat')([logits, inputs])
-      r = keras.layers.Conv2D(refine_filters, 3, padding='same', activation='relu',
-                              dtype='float32', name='refine_conv')(r)
-      r = keras.layers.Conv2D(num_classes, 3, padding='same', kernel_initializer='zeros',
-                              dtype='float32', name='refine_logits')(r)
-      logits = keras.layers.Add(dtype='float32', name='refine_add')([logits, r])
   return keras.Model(inputs, logits, name=name)
 
 

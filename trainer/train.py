@@ -82,11 +82,7 @@ def build_model(config: configs.Config, num_classes: int, training: bool = False
                               fused_batchnorm=fused,
                               any_size=((training and config.crop_size is not None) or
                                         config.eval_scales != (1.0,)),
-                              bn_momentum=config.bn_momentum, stem_stride=config.stem_stride,
-                              residual=config.residual, refine_filters=config.refine_filters,
-                              bottleneck_filters=config.bottleneck_filters,
-                              subpixel_logits=config.subpixel_logits,
-                              fullres_filters=config.fullres_filters)
+                              bn_momentum=config.bn_momentum, stem_stride=config.stem_stride)
 
 
 def size_multiple(config: configs.Config) -> int:
@@ -191,8 +187,7 @@ def make_steps(model, optimizer, strategy, config, spec: inference.Spec, train_m
   num_classes = spec.num_classes
   class_weights = (None if spec.class_weights is None
                    else np.asarray(spec.class_weights, np.float32))
-  loss_kw = {'class_weights': class_weights, 'loss_type': config.loss,
-             'focal_gamma': config.focal_gamma}
+  loss_kw = {'class_weights': class_weights}
   scale_loss = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
 
   def predict(logits):
@@ -204,29 +199,17 @@ def make_steps(model, optimizer, strategy, config, spec: inference.Spec, train_m
         logits, aux_logits = model(batch['image'], training=True), []
       else:
         logits, *aux_logits = train_model(batch['image'], training=True)
-      # One log-softmax shared by the pixel loss and the set-level terms below.
-      log_probs = losses.log_probabilities(logits)
       loss_sum, weight_sum = losses.pixel_loss_sum(
-          batch['mask'], log_probs, normalized=True, ohem_threshold=config.ohem_threshold,
-          ohem_min_kept=config.ohem_min_kept, label_smoothing=config.label_smoothing, **loss_kw)
+          batch['mask'], losses.log_probabilities(logits), normalized=True, **loss_kw)
       # The exact global weighted mean: gradients are summed over replicas by the optimizer.
       context = tf.distribute.get_replica_context()
       global_weight = tf.maximum(context.all_reduce('sum', weight_sum), 1e-6)
       loss = loss_sum / global_weight
-      # Set-level terms are per-replica batch means (not pixel sums): the replicas' gradients
-      # sum to the mean over replicas. Reported in the train loss weighted by the replica's
-      # pixel weight.
-      for weight, term in ((config.lovasz_weight, losses.lovasz_softmax),
-                           (config.dice_weight, losses.soft_dice)):
-        if weight:
-          extra = weight * term(batch['mask'], log_probs, normalized=True)
-          loss += extra / context.num_replicas_in_sync
-          loss_sum += extra * weight_sum
       # Deep supervision: the mean of the heads' pixel losses with the same pixel weights and
       # normalisation as the main loss, each at its head's own resolution against the mask
       # subsampled nearest (nnU-Net's downsampled targets), a head position weighted by the
-      # crop pixels it stands for. Upsampling the heads' logits to the crop instead made
-      # `small`'s step 1.24x dearer, this 1.04x (README, Benchmarks).
+      # crop pixels it stands for. At their own resolution the heads make `small`'s step about
+      # 1.04x dearer; upsampled to the crop, 1.24x (README, Benchmarks).
       for aux in aux_logits:
         strides = tf.shape(batch['mask'])[1:3] // tf.shape(aux)[1:3]
         mask = batch['mask'][:, strides[0] // 2::strides[0], strides[1] // 2::strides[1]]
@@ -340,12 +323,21 @@ class _Profiler:
 
 
 def load_config(model_dir: str) -> configs.Config:
-  """The resolved config a run recorded in model_dir/config.json (run facts dropped)."""
+  """The resolved config a run recorded in model_dir/config.json (run facts dropped).
+
+  Keys of removed options (configs.REMOVED_OPTIONS) are dropped when they hold the value that
+  meant "off"; a run that used one trained a model this trainer cannot build, so it is refused.
+  """
   path = f'{model_dir.rstrip("/")}/{CONFIG_NAME}'
   if not tf.io.gfile.exists(path):
     raise ConfigError(f'{path}: not found; is {model_dir} a trainer model_dir?')
   with tf.io.gfile.GFile(path) as f:
     values = json.load(f)
+  used = [f'{k} {json.dumps(values[k])}' for k, off in configs.REMOVED_OPTIONS.items()
+          if k in values and values[k] != off]
+  if used:
+    raise ConfigError(f'{path}: the run used {", ".join(used)}, removed from the trainer '
+                      '(docs/experiments.md); it cannot be resumed or evaluated by this version')
   return configs.override(configs.Config(),
                           {k: v for k, v in values.items() if k in configs.FIELDS}, path)
 
@@ -409,9 +401,9 @@ def run(config: configs.Config, data_dir: str, model_dir: str, *,
                                                    config.peer_timeout_seconds)
   strategy = runtime.strategy
   if config.jit_compile and runtime.kind != 'default':
-    # Measured on 2 logical CPUs under MirroredStrategy: XLA's step reads replica 1's variables
-    # from replica 0's device and fails (tensorflow/tensorflow#45940, on GPUs too); Keras' own
-    # jit_compile="auto" turns XLA off under any tf.distribute strategy for the same reason.
+    # Under these strategies XLA's step reads replica 1's variables from replica 0's device and
+    # fails (tensorflow/tensorflow#45940, on GPUs too); Keras' own jit_compile="auto" turns XLA
+    # off under any tf.distribute strategy for the same reason.
     raise ConfigError(f'jit_compile: XLA cannot compile the step under the {runtime.kind} '
                       'strategy (replicas keep variables on other devices); use it with '
                       '--strategy default')

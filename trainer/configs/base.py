@@ -16,18 +16,9 @@ class Config:
   # Model (trainer/model.py).
   base_filters: int = 64
   depth: int = 4
-  bottleneck_filters: int | None = None  # None = base_filters * 2**depth.
   dropout: float = 0.5
   # 1 = the notebook's U-Net; 2 = a stride-2 stem runs it at half resolution (model.py says why).
   stem_stride: int = 1
-  residual: bool = False  # Residual second conv block in every level (model.py).
-  # With the stem: filters of a full-resolution refinement of the upsampled logits; 0 = off.
-  refine_filters: int = 0
-  # With the stem: a learned sub-pixel correction of the upsampled logits (model.py).
-  subpixel_logits: bool = False
-  # With the stem: filters of a light full-resolution level (logits at the input's resolution
-  # from the upsampled decoder and a conv over the image; model.py); 0 = off.
-  fullres_filters: int = 0
   # Batch statistics over the global batch: multi-replica runs then train the same model as one
   # device with the global batch, and every replica holds the same moving statistics (so the
   # distributed evaluation and the exported model agree). Costs one all-reduce per BN layer.
@@ -70,26 +61,9 @@ class Config:
   # themselves; training still steps the raw weights. 0 = off; 0.999 averages over about the
   # last 1,000 steps.
   ema_momentum: float = 0.0
-  # Loss (trainer/losses.py).
-  loss: str = 'ce'  # ce | focal
-  focal_gamma: float = 2.0
+  # Loss (trainer/losses.py): class-weighted softmax cross-entropy.
   class_weighting: str = 'none'  # none | median_frequency | inverse_sqrt
-  # Online hard example mining in training (losses.pixel_loss_sum): only pixels whose label's
-  # probability is below ohem_threshold count, and at least the ohem_min_kept fraction of a
-  # batch's pixels; 0 = off. Validation losses count every pixel.
-  ohem_threshold: float = 0.0
-  ohem_min_kept: float = 0.1
-  # Cross-entropy against labels smoothed towards uniform by this much in training (loss ce
-  # only); 0 = off. Validation losses use the plain labels.
-  label_smoothing: float = 0.0
   max_class_weight: float | None = None
-  # Weight of the Lovasz-softmax term (losses.lovasz_softmax, a direct IoU surrogate) added to
-  # the pixel loss in training; 0 = off. Reported train loss includes it, val loss does not.
-  lovasz_weight: float = 0.0
-  # Weight of a soft Dice term (losses.soft_dice: batch Dice over the classes present, the
-  # overlap surrogate nnU-Net adds to cross-entropy; a softmax and a few sums, no sort) added
-  # the same way; 0 = off.
-  dice_weight: float = 0.0
   # Deep supervision: this weight times the mean cross-entropy (same class weights) of 1x1-conv
   # logits of every decoder level but the last, each at its own resolution against the mask
   # subsampled nearest, is added to the training loss (model.with_auxiliary_heads); the heads
@@ -140,6 +114,16 @@ class Config:
 
 _HINTS = typing.get_type_hints(Config)
 FIELDS = tuple(f.name for f in dataclasses.fields(Config))
+
+# Fields of rejected experiments that the trainer no longer has, with the values that meant
+# "off" (docs/experiments.md records what they did). An old config.json holding one of these
+# values trained the model the trainer builds now; any other value trained a different one.
+REMOVED_OPTIONS = {
+    'bottleneck_filters': None, 'residual': False, 'refine_filters': 0,
+    'subpixel_logits': False, 'fullres_filters': 0, 'loss': 'ce', 'focal_gamma': 2.0,
+    'ohem_threshold': 0.0, 'ohem_min_kept': 0.1, 'label_smoothing': 0.0, 'lovasz_weight': 0.0,
+    'dice_weight': 0.0,
+}
 
 
 def _coerce(name: str, value):
@@ -194,7 +178,7 @@ def from_json(text: str, source: str) -> Config:
 
 _CHOICES = {
     'optimizer': ('adamw', 'adam', 'sgd'), 'lr_scaling': ('none', 'linear'),
-    'lr_schedule': ('cosine', 'constant'), 'loss': ('ce', 'focal'),
+    'lr_schedule': ('cosine', 'constant'),
     'class_weighting': ('none', 'median_frequency', 'inverse_sqrt'),
     'mixed_precision': ('auto', 'float32', 'mixed_float16', 'mixed_bfloat16'),
     'strategy': ('auto', 'default', 'mirrored', 'multi_worker'),
@@ -223,26 +207,17 @@ def validate(config: Config) -> None:
       'eval_every_epochs': config.eval_every_epochs >= 1,
       'steps_per_epoch': config.steps_per_epoch is None or config.steps_per_epoch >= 1,
       'base_filters': config.base_filters >= 1, 'depth': config.depth >= 1,
-      'bottleneck_filters': config.bottleneck_filters is None or config.bottleneck_filters >= 1,
       'warmup_epochs': config.warmup_epochs >= 0,
       'backup_every_steps': config.backup_every_steps >= 0,
       'peer_timeout_seconds': config.peer_timeout_seconds >= 1,
       'early_stopping_patience': (config.early_stopping_patience is None or
                                   config.early_stopping_patience >= 1),
       'early_stopping_min_delta': 0 <= config.early_stopping_min_delta < 1,
-      'lovasz_weight': config.lovasz_weight >= 0,
-      'dice_weight': config.dice_weight >= 0,
       'aux_loss_weight': config.aux_loss_weight >= 0,
-      'ohem_threshold': 0 <= config.ohem_threshold < 1,
-      'ohem_min_kept': 0 < config.ohem_min_kept <= 1,
-      'label_smoothing': 0 <= config.label_smoothing < 1,
-      'refine_filters': config.refine_filters >= 0,
-      'fullres_filters': config.fullres_filters >= 0,
       'logit_adjustment': 0 <= config.logit_adjustment <= 1,
       'calibration_split': config.calibration_split is None or bool(config.calibration_split),
       'weight_decay': config.weight_decay >= 0,
       'ema_momentum': 0 <= config.ema_momentum < 1,
-      'focal_gamma': config.focal_gamma >= 0,
       'max_class_weight': config.max_class_weight is None or config.max_class_weight > 0,
       'clipnorm': config.clipnorm is None or config.clipnorm > 0,
       'base_batch_size': config.base_batch_size >= 1,
@@ -264,22 +239,8 @@ def validate(config: Config) -> None:
   for name, ok in checks.items():
     if not ok:
       raise ValueError(f'{name}: {getattr(config, name)!r} is out of range')
-  # Values that are fine alone but not with another field's: the message names both.
-  stem = f'stem_stride {config.stem_stride}'
-  for name, ok, needs, got in (
-      # Smoothing is defined for the cross-entropy only (losses.pixel_loss_sum).
-      ('label_smoothing', config.label_smoothing == 0 or config.loss == 'ce', "loss 'ce'",
-       f'loss {config.loss!r}'),
-      ('refine_filters', config.refine_filters == 0 or config.stem_stride == 2, 'stem_stride 2',
-       stem),
-      ('subpixel_logits', not config.subpixel_logits or config.stem_stride == 2,
-       'stem_stride 2', stem),
-      ('fullres_filters', config.fullres_filters == 0 or config.stem_stride == 2,
-       'stem_stride 2', stem),
-      ('fullres_filters', config.fullres_filters == 0 or not config.subpixel_logits,
-       'subpixel_logits false', 'subpixel_logits true'),
-      # The heads sit on every decoder level but the last.
-      ('aux_loss_weight', config.aux_loss_weight == 0 or config.depth >= 2, 'depth >= 2',
-       f'depth {config.depth}')):
-    if not ok:
-      raise ValueError(f'{name}: {getattr(config, name)!r} needs {needs}, not {got}')
+  # Values that are fine alone but not with another field's: the message names both. The
+  # deep-supervision heads sit on every decoder level but the last.
+  if config.aux_loss_weight and config.depth < 2:
+    raise ValueError(f'aux_loss_weight: {config.aux_loss_weight!r} needs depth >= 2, '
+                     f'not depth {config.depth}')
