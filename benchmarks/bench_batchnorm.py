@@ -27,6 +27,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from camvid_common import errors
 from trainer import averaging
 from trainer import configs
 from trainer import model as model_lib
@@ -77,7 +78,7 @@ def seconds_per_step(step, steps: int) -> float:
 
 
 def parse_args(description: str) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(description=description)
+  parser = errors.ArgumentParser(description=description)
   parser.add_argument('--config', default='small', choices=sorted(configs.PRESETS))
   parser.add_argument('--steps', type=int, default=15)
   parser.add_argument('--rounds', type=int, default=3)
@@ -127,4 +128,4 @@ def main():
 
 
 if __name__ == '__main__':
-  main()
+  errors.run_script(main)

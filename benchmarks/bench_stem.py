@@ -13,7 +13,6 @@ Last line: RESULT stem_speedup_same_crop=<float>, the per-image speed-up of the 
 128x128 crops.
 """
 
-import argparse
 import os
 import pathlib
 import sys
@@ -27,6 +26,7 @@ import trainer  # pylint: disable=unused-import  # First: sets TensorFlow's CPU 
 import keras
 import numpy as np
 
+from camvid_common import errors
 from trainer import model as model_lib
 
 NUM_CLASSES = 11
@@ -54,7 +54,7 @@ def images_per_second(stem_stride: int, crop: int, args) -> tuple[float, int]:
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = errors.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--base_filters', type=int, default=16)
   parser.add_argument('--depth', type=int, default=4)
   parser.add_argument('--batch', type=int, default=4)
@@ -77,4 +77,4 @@ def main():
 
 
 if __name__ == '__main__':
-  main()
+  errors.run_script(main)

@@ -26,7 +26,7 @@ import math
 import numpy as np
 import tensorflow as tf
 
-from tfrecords_builder import fileio
+from camvid_common import fileio
 from trainer import data
 from trainer import metrics
 from trainer import model as model_lib
