@@ -229,7 +229,7 @@ def _break_missing_image(d):
 def _break_size_mismatch(d):
   label = _first(d / 'train_labels')
   Image.open(label).resize((32, 24), Image.NEAREST).save(label)
-  return label.name, 'size 32x24 differs'
+  return label.name, r'size 24x32 \(HxW\) differs'
 
 
 def _break_truncated_png(d):

@@ -125,8 +125,8 @@ def encode_pair(pair: layouts.Pair, layout: str, table: classes.ClassTable,
   label = _open_image(_read(pair.label_path), pair.label_path)
   if image.size != label.size:
     raise errors.InputError(
-        f'{pair.label_path}: size {label.size[0]}x{label.size[1]} differs from its '
-        f'image {pair.image_path} ({image.size[0]}x{image.size[1]})')
+        f'{pair.label_path}: size {label.size[1]}x{label.size[0]} (HxW) differs from its '
+        f'image {pair.image_path} ({image.size[1]}x{image.size[0]})')
   mask = _label_indices(label, layout, table, pair.label_path, options.unknown_color)
   if options.resize is not None:
     height, width = options.resize

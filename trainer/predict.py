@@ -158,7 +158,7 @@ class _Predictor:
       fileio.write_atomic(overlay_path, _png_bytes(
           visualize.overlay(image, ids, self._colors, ignore_label=self._ignore_label)))
       height, width = ids.shape
-      print(f'{path}: {width}x{height} -> {mask_path}, {overlay_path}', flush=True)
+      print(f'{path}: {height}x{width} -> {mask_path}, {overlay_path}', flush=True)
       self.num_done += 1
     self._pending = []
 
