@@ -1,4 +1,4 @@
-"""Packaging for camvid-seg: the TFRecords builder, trainer, tuner and their console scripts."""
+"""Packaging for camvid-seg: builder, trainer, tuner, shared camvid_common, console scripts."""
 
 import setuptools
 
@@ -7,7 +7,8 @@ setuptools.setup(
     version='0.1.0',
     description='Distributed U-Net training for CamVid semantic segmentation on GPU clusters.',
     python_requires='>=3.10',
-    packages=setuptools.find_packages(include=['tfrecords_builder*', 'trainer*', 'tuning*']),
+    packages=setuptools.find_packages(
+        include=['camvid_common*', 'tfrecords_builder*', 'trainer*', 'tuning*']),
     include_package_data=True,
     install_requires=[
         'tensorflow>=2.21,<2.22',

@@ -16,6 +16,7 @@ import os
 
 import bench_batchnorm  # Same directory; sets TensorFlow's CPU options through `trainer`.
 
+from camvid_common import errors
 from trainer import configs
 
 MOMENTUM = 0.999
@@ -38,4 +39,4 @@ def main():
 
 
 if __name__ == '__main__':
-  main()
+  errors.run_script(main)

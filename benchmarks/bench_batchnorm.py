@@ -27,6 +27,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from camvid_common import errors
 from trainer import averaging
 from trainer import configs
 from trainer import model as model_lib
@@ -75,7 +76,7 @@ def seconds_per_step(step, steps: int) -> float:
 
 
 def parse_args(description: str) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(description=description)
+  parser = errors.ArgumentParser(description=description)
   parser.add_argument('--config', default='small', choices=sorted(configs.PRESETS))
   parser.add_argument('--steps', type=int, default=15)
   parser.add_argument('--rounds', type=int, default=3)
@@ -125,4 +126,4 @@ def main():
 
 
 if __name__ == '__main__':
-  main()
+  errors.run_script(main)

@@ -13,7 +13,6 @@ process. A builder speed-up close to that ceiling has no overhead left to remove
 Last line: RESULT builder_speedup_2_workers=<float>
 """
 
-import argparse
 import multiprocessing
 import os
 import pathlib
@@ -25,6 +24,7 @@ import time
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
+from camvid_common import errors  # pylint: disable=g-import-not-at-top
 from tfrecords_builder import layouts  # pylint: disable=g-import-not-at-top
 from tfrecords_builder import writer  # pylint: disable=g-import-not-at-top
 
@@ -61,12 +61,12 @@ def ceiling_ratio(items) -> float:
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = errors.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--input_dir', default=str(DEFAULT_INPUT))
   parser.add_argument('--repeats', type=int, default=5)
   args = parser.parse_args()
   if not pathlib.Path(args.input_dir, 'train').is_dir() and not args.input_dir.startswith('gs://'):
-    sys.exit(f'error: --input_dir {args.input_dir}: no CamVid frames there')
+    raise errors.InputError(f'--input_dir {args.input_dir}: no CamVid frames there')
   print(f'machine: {os.cpu_count()} cores; input: {args.input_dir}')
   dataset = layouts.discover(args.input_dir, None)
   items = [(pair, dataset.layout, dataset.table, writer.Options())
@@ -89,4 +89,4 @@ def main():
 
 
 if __name__ == '__main__':
-  main()
+  errors.run_script(main)

@@ -10,7 +10,6 @@ from one log-softmax). Last line: RESULT kernel_vs_gather_ce=<float>, the fused 
 over the trainer's cross-entropy's.
 """
 
-import argparse
 import os
 import pathlib
 import statistics
@@ -25,6 +24,7 @@ import trainer  # pylint: disable=unused-import  # First: sets TensorFlow's CPU 
 import numpy as np
 import tensorflow as tf
 
+from camvid_common import errors
 from trainer import losses
 
 
@@ -47,7 +47,7 @@ def milliseconds(fn, logits, steps: int) -> float:
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser = errors.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--batch', type=int, default=4)
   parser.add_argument('--size', type=int, default=192)
   parser.add_argument('--classes', type=int, default=11)
@@ -84,4 +84,4 @@ def main():
 
 
 if __name__ == '__main__':
-  main()
+  errors.run_script(main)

@@ -18,11 +18,15 @@ import subprocess
 import sys
 import time
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from camvid_common import errors  # pylint: disable=g-import-not-at-top
+from camvid_common import sizes  # pylint: disable=g-import-not-at-top
+
 
 def measure(data_dir: str, image_size: tuple[int, int], epochs: int, cache_mb: int) -> dict:
   """Images/s of the first epoch and of the later ones, in this process."""
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
   # pylint: disable=g-import-not-at-top
   from tfrecords_builder import manifest as manifest_lib
   from trainer import configs
@@ -50,20 +54,20 @@ def measure(data_dir: str, image_size: tuple[int, int], epochs: int, cache_mb: i
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = errors.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--data_dir', required=True)
   parser.add_argument('--image_size', default='256x256')
   parser.add_argument('--epochs', type=int, default=4)
   parser.add_argument('--cache_mb', type=int, default=2048)
   parser.add_argument('--child_cores', type=int, default=0, help=argparse.SUPPRESS)
   args = parser.parse_args()
-  size = tuple(int(v) for v in args.image_size.split('x'))
+  size = sizes.parse_hxw(args.image_size, '--image_size')
   if args.child_cores:
     os.sched_setaffinity(0, set(range(args.child_cores)))
     print(json.dumps(measure(args.data_dir, size, args.epochs, args.cache_mb)))
     return
   if not os.path.exists(os.path.join(args.data_dir, 'manifest.json')):
-    sys.exit(f'error: --data_dir {args.data_dir}: no manifest.json (run tfrecords_builder)')
+    raise errors.InputError(f'--data_dir {args.data_dir}: no manifest.json (run tfrecords_builder)')
 
   def child(cores: int, cache_mb: int) -> dict:
     out = subprocess.run([sys.executable, __file__, '--data_dir', args.data_dir, '--image_size',
@@ -88,4 +92,4 @@ def main():
 
 
 if __name__ == '__main__':
-  main()
+  errors.run_script(main)

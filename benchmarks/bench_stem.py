@@ -10,7 +10,6 @@ current `small` (stem, 192x192 crops). Last line: RESULT stem_speedup_same_crop=
 per-image speed-up of the stem at 128x128 crops.
 """
 
-import argparse
 import os
 import pathlib
 import sys
@@ -24,6 +23,7 @@ import trainer  # pylint: disable=unused-import  # First: sets TensorFlow's CPU 
 import keras
 import numpy as np
 
+from camvid_common import errors
 from trainer import model as model_lib
 
 NUM_CLASSES = 11
@@ -48,7 +48,7 @@ def images_per_second(stem_stride: int, crop: int, args) -> tuple[float, int]:
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = errors.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--base_filters', type=int, default=16)
   parser.add_argument('--depth', type=int, default=4)
   parser.add_argument('--batch', type=int, default=4)
@@ -66,4 +66,4 @@ def main():
 
 
 if __name__ == '__main__':
-  main()
+  errors.run_script(main)

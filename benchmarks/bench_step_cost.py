@@ -14,7 +14,6 @@ steps, each prints its median (bench_batchnorm.py's comparison). Last line: RESU
 step_cost=<float>, the changed step's median time over the preset's.
 """
 
-import argparse
 import json
 import os
 
@@ -23,6 +22,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from camvid_common import errors
 from trainer import configs
 from trainer import train
 
@@ -50,7 +50,7 @@ def make_step(config, batch):
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = errors.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--config', default='small', choices=sorted(configs.PRESETS))
   parser.add_argument('--steps', type=int, default=15)
   parser.add_argument('--rounds', type=int, default=3)
@@ -74,4 +74,4 @@ def main():
 
 
 if __name__ == '__main__':
-  main()
+  errors.run_script(main)

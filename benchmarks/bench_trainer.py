@@ -15,7 +15,6 @@ times 3 for forward + backward) against this machine's measured float32 matmul F
 Last line: RESULT trainer_vs_bare_fit=<float>
 """
 
-import argparse
 import csv
 import os
 import pathlib
@@ -32,6 +31,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from camvid_common import errors
 from tfrecords_builder import manifest as manifest_lib
 from tfrecords_builder import synthetic
 from tfrecords_builder import writer
@@ -94,7 +94,7 @@ def matmul_flops_per_s(size: int = 2048, repeats: int = 20) -> float:
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = errors.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--data_dir', help='tfrecords_builder output (default: generated scenes)')
   parser.add_argument('--config', default='small')
   parser.add_argument('--steps', type=int, default=20, help='training steps per epoch')
@@ -121,4 +121,4 @@ def main():
 
 
 if __name__ == '__main__':
-  main()
+  errors.run_script(main)

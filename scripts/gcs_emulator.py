@@ -46,7 +46,6 @@ loopback names (add worker host names with --no_proxy), and CONNECT to any host 
 Google storage hosts is refused, so nothing leaves this machine.
 """
 
-import argparse
 import datetime
 import functools
 import hashlib
@@ -78,6 +77,10 @@ from gcp_storage_emulator import storage as emu_storage
 from gcp_storage_emulator.exceptions import NotFound
 from gcp_storage_emulator.handlers import buckets as emu_buckets
 from gcp_storage_emulator.handlers import objects as emu_objects
+
+# Run as `python scripts/gcs_emulator.py`: the repository root holds camvid_common.
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from camvid_common import errors  # pylint: disable=g-import-not-at-top
 
 # The hosts TF's GCS filesystem and Google auth libraries talk to.
 TLS_HOSTS = ('storage.googleapis.com', 'www.googleapis.com', 'oauth2.googleapis.com')
@@ -499,7 +502,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
 # --- Main ---------------------------------------------------------------------------------------
 
 def _parse_args(argv):
-  parser = argparse.ArgumentParser(description=__doc__.split('\n\n', 1)[0])
+  parser = errors.ArgumentParser(description=__doc__.split('\n\n', 1)[0])
   parser.add_argument('--bucket', action='append', default=[], help='Create this bucket.')
   parser.add_argument('--host', default='127.0.0.1', help='Loopback address to listen on.')
   parser.add_argument('--port', type=int, default=0, help='Proxy port (default: a free one).')
@@ -516,8 +519,12 @@ def _parse_args(argv):
   parser.add_argument('--stop_on_stdin_eof', action='store_true',
                       help='Exit when stdin closes (a test fixture that dies takes us along).')
   args = parser.parse_args(argv)
-  if not ipaddress.ip_address(args.host).is_loopback:
-    parser.error(f'--host {args.host}: must be a loopback address')
+  try:
+    loopback = ipaddress.ip_address(args.host).is_loopback
+  except ValueError:
+    loopback = False
+  if not loopback:
+    parser.error(f'--host {args.host}: must be a loopback IP address')
   if not 0.0 <= args.fault_rate <= 1.0:
     parser.error(f'--fault_rate {args.fault_rate}: must be in [0, 1]')
   if args.fault_only:
@@ -587,4 +594,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == '__main__':
-  sys.exit(main())
+  errors.run_script(main)

@@ -14,13 +14,13 @@ from PIL import Image
 import pytest
 import tensorflow as tf
 
+from camvid_common import errors
 from tfrecords_builder import classes
 from tfrecords_builder import features
 from tfrecords_builder import manifest as manifest_lib
 from tfrecords_builder import synthetic
 from tfrecords_builder import verify
 from tfrecords_builder import writer
-from tfrecords_builder.errors import InputError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 QUIET = lambda *_: None  # pylint: disable=unnecessary-lambda-assignment
@@ -162,7 +162,7 @@ def test_rerun_is_a_no_op_and_overwrite_redoes(segnet_dir, tmp_path):
   assert 'nothing to do' in logs[-1]
   assert before == {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
   # Different flags on the same dir need --overwrite.
-  with pytest.raises(InputError, match='different build'):
+  with pytest.raises(errors.InputError, match='different build'):
     writer.build(str(segnet_dir), str(out), num_shards=2, num_workers=1, log=QUIET)
   writer.build(str(segnet_dir), str(out), num_shards=2, num_workers=1, overwrite=True, log=QUIET)
   assert manifest_lib.read(str(out)).split('train')['num_shards'] == 2
@@ -229,7 +229,7 @@ def _break_missing_image(d):
 def _break_size_mismatch(d):
   label = _first(d / 'train_labels')
   Image.open(label).resize((32, 24), Image.NEAREST).save(label)
-  return label.name, 'size 32x24 differs'
+  return label.name, r'size 24x32 \(HxW\) differs'
 
 
 def _break_truncated_png(d):
@@ -274,7 +274,7 @@ def test_bad_input_is_one_clear_error_and_no_manifest(breaker, kaggle_dir, tmp_p
   d = _copy(kaggle_dir, tmp_path)
   name, pattern = breaker(d)
   out = tmp_path / 'out'
-  with pytest.raises(InputError, match=pattern) as err:
+  with pytest.raises(errors.InputError, match=pattern) as err:
     writer.build(str(d), str(out), num_shards=2, num_workers=2, log=QUIET)
   message = str(err.value)
   assert name in message and '\n' not in message
@@ -298,10 +298,10 @@ def test_segnet_unknown_value_and_neither_layout(segnet_dir, tmp_path):
   values = np.asarray(Image.open(label)).copy()
   values[0, 0] = 40
   Image.fromarray(values).save(label)
-  with pytest.raises(InputError, match=f'{label.name}: label value 40 is not a class'):
+  with pytest.raises(errors.InputError, match=f'{label.name}: label value 40 is not a class'):
     writer.build(str(d), str(tmp_path / 'out'), num_workers=1, log=QUIET)
   (tmp_path / 'empty').mkdir()
-  with pytest.raises(InputError, match='not a CamVid folder'):
+  with pytest.raises(errors.InputError, match='not a CamVid folder'):
     writer.build(str(tmp_path / 'empty'), str(tmp_path / 'out2'), log=QUIET)
 
 
@@ -309,7 +309,7 @@ def test_output_dir_with_other_data_needs_overwrite(segnet_dir, tmp_path):
   out = tmp_path / 'out'
   out.mkdir()
   (out / 'notes.txt').write_text('mine')
-  with pytest.raises(InputError, match='holds other data'):
+  with pytest.raises(errors.InputError, match='holds other data'):
     writer.build(str(segnet_dir), str(out), num_workers=1, log=QUIET)
   writer.build(str(segnet_dir), str(out), num_workers=1, overwrite=True, log=QUIET)
   assert (out / 'manifest.json').exists() and (out / 'notes.txt').read_text() == 'mine'
@@ -333,7 +333,7 @@ def test_class_dict_parsing_of_the_real_kaggle_file(kaggle_class_dict):
     ('name,r,g,b\nVoid,0,0,0', 'no non-void classes'),
 ])
 def test_malformed_class_dict(text, pattern):
-  with pytest.raises(InputError, match=pattern):
+  with pytest.raises(errors.InputError, match=pattern):
     classes.parse_class_dict(text, 'x/class_dict.csv')
 
 

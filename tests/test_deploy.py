@@ -25,9 +25,9 @@ import time
 import pytest
 import yaml
 
+from camvid_common import errors
 from conftest import REPO
 from trainer import distribution
-from trainer.errors import EXIT_CONFIG_ERROR, EXIT_PREEMPTED
 
 K8S = REPO / 'k8s'
 KUBECTL = shutil.which('kubectl')
@@ -503,18 +503,18 @@ def test_failure_policy_follows_the_exit_codes(variants, variant):
     name = job['metadata']['name']
     assert pod['restartPolicy'] == 'Never', name  # podFailurePolicy requires it.
     assert spec['backoffLimit'] >= 1 and spec['ttlSecondsAfterFinished'] > 0, name
-    assert _policy_action(job, container, EXIT_CONFIG_ERROR) == 'FailJob', name
+    assert _policy_action(job, container, errors.EXIT_INPUT_ERROR) == 'FailJob', name
     assert _policy_action(job, container, 1) == 'Count', name
     assert _policy_action(job, container, 137, disrupted) == 'Ignore', name
     assert _policy_action(job, container, 143, disrupted) == 'Ignore', name
   train, _ = _train(objects)
-  assert _policy_action(train, 'trainer', EXIT_PREEMPTED) == 'Ignore'
+  assert _policy_action(train, 'trainer', errors.EXIT_PREEMPTED) == 'Ignore'
   assert _policy_action(train, 'trainer', 137) == 'Count'  # Watchdog: cluster not formed.
   # Long enough to save a checkpoint after SIGTERM.
   assert train['spec']['template']['spec']['terminationGracePeriodSeconds'] >= 120
   for job in _find(objects, 'Job', component='tune'):
     (container,) = job['spec']['template']['spec']['containers']
-    assert _policy_action(job, container['name'], EXIT_PREEMPTED) == 'Ignore'
+    assert _policy_action(job, container['name'], errors.EXIT_PREEMPTED) == 'Ignore'
 
 
 def _gpu_jobs(objects):
@@ -700,7 +700,17 @@ def test_dockerignore_sends_only_the_package():
               if line.strip() and not line.startswith('#')]
   context = {p for p in exclude_paths(str(REPO), patterns)
              if (REPO / p).is_file()}
-  packages = ('tfrecords_builder/', 'trainer/', 'tuning/')
+  # The packages are setup.py's find_packages(include=[...]) list; each one the shipped code
+  # imports must be in it (a new top-level package, like camvid_common, needs both files).
+  setup = (REPO / 'setup.py').read_text()
+  (include,) = re.findall(r'find_packages\(\s*include=\[([^\]]*)\]', setup)
+  names = sorted(n.rstrip('*') for n in re.findall(r"'([^']+)'", include))
+  packages = tuple(f'{n}/' for n in names)
+  local = {p.parent.name for p in REPO.glob('*/__init__.py')}
+  for package in packages:
+    for source in (REPO / package).rglob('*.py'):
+      imported = re.findall(r'^\s*(?:from|import) (\w+)', source.read_text(), re.M)
+      assert set(imported) & local <= set(names), (source, set(imported) & local)
   allowed = {'Dockerfile', '.dockerignore', 'setup.py', 'setup.cfg', 'pyproject.toml',
              'MANIFEST.in', 'README.md'}
   stray = sorted(p for p in context if p not in allowed and not p.startswith(packages))

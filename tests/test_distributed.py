@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from camvid_common import errors
 from conftest import REPO, run_module
 from trainer import distribution
-from trainer.errors import ConfigError
 
 SMOKE = ('--config', 'smoke')
 
@@ -214,9 +214,9 @@ def test_tf_config_from_an_indexed_job():
   assert distribution.tf_config_from_env({**env, 'TF_CONFIG': json.dumps(explicit)}) == explicit
   assert distribution.tf_config_from_env({**env, 'CAMVID_NUM_WORKERS': '1'}) is None
   assert distribution.tf_config_from_env({}) is None
-  with pytest.raises(ConfigError, match='CAMVID_SERVICE_NAME'):
+  with pytest.raises(errors.ConfigError, match='CAMVID_SERVICE_NAME'):
     distribution.tf_config_from_env({k: v for k, v in env.items() if k != 'CAMVID_SERVICE_NAME'})
-  with pytest.raises(ConfigError, match='index 3 is out of range'):
+  with pytest.raises(errors.ConfigError, match='index 3 is out of range'):
     distribution.tf_config_from_env({**env, 'JOB_COMPLETION_INDEX': '3'})
 
 
@@ -232,7 +232,7 @@ def test_tf_config_from_an_indexed_job():
     ('{"cluster": {"worker": ["a"]}, "task": {"type": "worker", "index": 0}}', 'host:port'),
 ])
 def test_bad_tf_config_is_a_clear_error(tf_config, message):
-  with pytest.raises(ConfigError, match=message):
+  with pytest.raises(errors.ConfigError, match=message):
     distribution.tf_config_from_env({'TF_CONFIG': tf_config})
 
 

@@ -18,7 +18,7 @@ from PIL import Image
 import pytest
 import tensorflow as tf
 
-from tfrecords_builder.errors import InputError
+from camvid_common import errors
 from trainer import export as export_lib
 from trainer import inference
 from trainer import model as model_lib
@@ -226,7 +226,7 @@ def test_labels_json_contents(model_dir):
 
 def test_load_labels_errors_name_the_file(tmp_path):
   path = str(tmp_path / 'labels.json')
-  with pytest.raises(InputError, match='labels.json: not found'):
+  with pytest.raises(errors.InputError, match='labels.json: not found'):
     export_lib.load_labels(str(tmp_path))
   for text, problem in (('{not json', 'not valid JSON'), ('{"classes": []}', 'missing keys'),
                         ('{"classes": [{"index": 0, "name": "a", "color": [1, 2]}], '
@@ -238,7 +238,7 @@ def test_load_labels_errors_name_the_file(tmp_path):
                          '"ignore_label": 255, "image_size": [8, 8], "flip": false, '
                          '"scales": []}', 'scales')):
     (tmp_path / 'labels.json').write_text(text)
-    with pytest.raises(InputError, match=problem) as info:
+    with pytest.raises(errors.InputError, match=problem) as info:
       export_lib.load_labels(str(tmp_path))
     assert path in str(info.value)
 
@@ -271,7 +271,7 @@ def test_crash_during_reexport_leaves_no_complete_looking_export(model, tmp_path
   # (the predict tool checks the same file); and no temporary names are left behind.
   assert sorted(os.listdir(tmp_path)) == ['model.keras', 'serving']
   assert os.listdir(tmp_path / 'serving') == ['saved_model.pb']
-  with pytest.raises(InputError, match='not found'):
+  with pytest.raises(errors.InputError, match='not found'):
     export_lib.load_labels(str(tmp_path))
 
 

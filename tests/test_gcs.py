@@ -253,7 +253,7 @@ def clean_data(gcs, local_data):
 
 
 def _needs_bucket_check():
-  from tfrecords_builder import fileio  # pylint: disable=g-import-not-at-top
+  from camvid_common import fileio  # pylint: disable=g-import-not-at-top
   if not hasattr(fileio, 'check_bucket'):
     # Without it TF's makedirs on a missing bucket loops forever, and errors are raw HTTP text.
     pytest.skip('needs the up-front bucket check (fileio.check_bucket, issue #5 product change)')
@@ -262,13 +262,14 @@ def _needs_bucket_check():
 
 def test_bucket_check_names_the_path_and_the_problem(gcs_process_env, clean_data):
   fileio = _needs_bucket_check()
-  from tfrecords_builder.errors import InputError  # pylint: disable=g-import-not-at-top
+  from camvid_common import errors  # pylint: disable=g-import-not-at-top
   fileio.check_bucket(clean_data, '--data_dir')  # Exists: no error.
   fileio.check_bucket('/tmp/anything', '--data_dir')  # Local paths are not checked.
-  with pytest.raises(InputError, match=f'^--model_dir {NO_BUCKET}/m: bucket {NO_BUCKET} does '
-                     'not exist'):
+  with pytest.raises(
+      errors.InputError, match=f'^--model_dir {NO_BUCKET}/m: bucket {NO_BUCKET} does not exist'):
     fileio.check_bucket(f'{NO_BUCKET}/m', '--model_dir')
-  with pytest.raises(InputError, match=f'^--data_dir gs://{DENIED_BUCKET}/d: permission denied'):
+  with pytest.raises(
+      errors.InputError, match=f'^--data_dir gs://{DENIED_BUCKET}/d: permission denied'):
     fileio.check_bucket(f'gs://{DENIED_BUCKET}/d', '--data_dir')
 
 

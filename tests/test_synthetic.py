@@ -183,27 +183,38 @@ def _cli(*args):
 
 def test_cli_writes_frames_and_one_summary_line(tmp_path):
   proc = _cli('--output_dir', str(tmp_path), '--layout', 'segnet', '--num', 'train=3,val=1',
-              '--size', '32x24', '--seed', '5')
+              '--size', '24x32', '--seed', '5')
   assert proc.returncode == 0, proc.stderr
   assert proc.stdout.strip().splitlines() == [
-      f'Wrote train=3, val=1 segnet frames of 32x24 to {tmp_path}']
+      f'Wrote train=3, val=1 segnet frames of 24x32 (HxW) to {tmp_path}']
   assert len(list((tmp_path / 'trainannot').iterdir())) == 3
   assert sorted(p.name for p in (tmp_path / 'val').iterdir()) == ['synth05_000003.png']
   with Image.open(tmp_path / 'val' / 'synth05_000003.png') as im:
-    assert im.size == (32, 24)
+    assert im.size == (32, 24)  # --size is HxW, PIL's size (width, height).
 
 
 @pytest.mark.parametrize('args, message', [
-    (['--size', '480by360'], '--size "480by360": expected WIDTHxHEIGHT'),
+    (['--size', '360by480'], '--size 360by480: expected HxW, e.g. 360x480'),
+    (['--size', '4x48'], '--size 4x48: height and width must be at least 8'),
     (['--layout', 'voc'], 'layout'),
-    (['--num', 'train=x'], '--num "train=x"'),
-    (['--size', '4x4'], 'at least 8'),
+    (['--num', 'train=x'], '--num train=x: expected a count'),
+    (['--splits', 'a/b'], '--splits a/b: split names'),
+    (['--seed', '-1'], '--seed'),
     (['--bogus', '1'], 'bogus'),
+    (['stray'], 'unexpected arguments: stray'),
 ])
 def test_cli_bad_input_is_one_line_without_traceback(tmp_path, args, message):
   proc = _cli('--output_dir', str(tmp_path / 'out'), '--num', '1', *args)
-  assert proc.returncode != 0
+  assert proc.returncode == 2
   lines = proc.stderr.strip().splitlines()
   assert len(lines) == 1, proc.stderr
-  assert lines[0].startswith('synthetic: error: ') and message in lines[0]
+  assert lines[0].startswith('error: ') and message in lines[0], lines[0]
   assert 'Traceback' not in proc.stderr
+
+
+def test_cli_unwritable_output_dir_names_the_path(tmp_path):
+  (tmp_path / 'file').write_text('not a folder')
+  out = tmp_path / 'file' / 'out'
+  proc = _cli('--output_dir', str(out), '--num', '1', '--size', '8x8')
+  assert proc.returncode == 2 and 'Traceback' not in proc.stderr, proc.stderr
+  assert proc.stderr.strip().splitlines() == [f'error: {out}: Not a directory']

@@ -143,8 +143,9 @@ def test_unknown_flag_is_a_config_error(tmp_path):
   assert proc.stderr.strip().splitlines()[-1].startswith('error: Unknown command line flag')
 
 
-@pytest.mark.parametrize('module', ['tfrecords_builder', 'trainer.task', 'trainer.evaluate',
-                                    'trainer.predict', 'tuning.tune'])
+@pytest.mark.parametrize('module', ['tfrecords_builder', 'tfrecords_builder.synthetic',
+                                    'trainer.task', 'trainer.evaluate', 'trainer.predict',
+                                    'tuning.tune'])
 def test_every_entry_point_rejects_stray_arguments_in_one_line(module):
   proc = run_module(module, 'stray')
   assert proc.returncode == 2, proc.stderr[-2000:]

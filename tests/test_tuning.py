@@ -15,8 +15,8 @@ import keras_tuner
 import pytest
 import tensorflow as tf
 
+from camvid_common import errors
 from conftest import REPO, event_tags, run_module
-from trainer.errors import ConfigError
 from tuning import results
 from tuning import space
 from tuning import tuner as tuner_lib
@@ -289,7 +289,7 @@ def test_incomplete_distributed_environment_is_an_error(env, message):
     (space.Bounds(lr_min=1e-2, lr_max=1e-3), 'need 0 < min < max'),
 ])
 def test_bad_bounds(bounds, message):
-  with pytest.raises(ConfigError, match=message):
+  with pytest.raises(errors.ConfigError, match=message):
     bounds.validate()
 
 
@@ -300,9 +300,9 @@ def test_resume_with_other_settings_is_refused(tmp_path):
   results.check_and_record_settings(str(tmp_path), settings)
   # More trials (extending a search) or moved data are fine; another space or budget is not.
   results.check_and_record_settings(str(tmp_path), {**settings, 'max_trials': 5, 'data_dir': 'e'})
-  with pytest.raises(ConfigError, match=r'--lr_max 0.01 -> 0.1.*--overwrite'):
+  with pytest.raises(errors.ConfigError, match=r'--lr_max 0.01 -> 0.1.*--overwrite'):
     results.check_and_record_settings(str(tmp_path), {**settings, 'lr_max': 0.1})
-  with pytest.raises(ConfigError, match="worker's flags differ"):
+  with pytest.raises(errors.ConfigError, match="worker's flags differ"):
     results.check_settings_if_recorded(str(tmp_path), {**settings, 'epochs': 3})
   results.check_settings_if_recorded(str(tmp_path / 'elsewhere'), settings)
 
@@ -316,5 +316,5 @@ def test_strategy_per_trial(configured, gpus, cpus, expected):
 
 
 def test_multi_worker_inside_a_trial_is_refused():
-  with pytest.raises(ConfigError, match='cannot run inside a tuning trial'):
+  with pytest.raises(errors.ConfigError, match='cannot run inside a tuning trial'):
     tuner_lib.strategy_kind('multi_worker', 0, 1)

@@ -7,10 +7,11 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 from absl import flags
 
-from tfrecords_builder import fileio
+from camvid_common import errors
+from camvid_common import fileio
+from camvid_common import sizes
 from tfrecords_builder import verify as verify_lib
 from tfrecords_builder import writer
-from tfrecords_builder.errors import InputError, run_app
 
 _INPUT_DIR = flags.DEFINE_string('input_dir', None, 'CamVid folder (kaggle or segnet layout).')
 _OUTPUT_DIR = flags.DEFINE_string('output_dir', None, 'Where shards and manifest.json go.')
@@ -31,17 +32,6 @@ _VERIFY = flags.DEFINE_bool('verify', False, 'Read --output_dir back and check i
                             'manifest instead of building.')
 
 
-def parse_size(value: str, flag: str) -> tuple[int, int]:
-  """Parses 'HxW' into (H, W)."""
-  try:
-    height, width = (int(v) for v in value.lower().split('x'))
-  except ValueError:
-    raise InputError(f'--{flag} {value}: expected HxW, e.g. 360x480') from None
-  if height < 1 or width < 1:
-    raise InputError(f'--{flag} {value}: sizes must be positive')
-  return height, width
-
-
 def parse_num_shards(value: str | None) -> int | dict[str, int] | None:
   if value is None:
     return None
@@ -50,13 +40,13 @@ def parse_num_shards(value: str | None) -> int | dict[str, int] | None:
       return int(value)
     return {k.strip(): int(v) for k, v in (item.split('=') for item in value.split(','))}
   except ValueError:
-    raise InputError(f'--num_shards {value}: expected N or split=N,...') from None
+    raise errors.InputError(f'--num_shards {value}: expected N or split=N,...') from None
 
 
 def main(argv):
   del argv  # run_app rejects positional arguments.
   if not _OUTPUT_DIR.value:
-    raise InputError('--output_dir is required')
+    raise errors.InputError('--output_dir is required')
   if _VERIFY.value:
     fileio.check_bucket(_OUTPUT_DIR.value, '--output_dir')
     problems = verify_lib.verify(_OUTPUT_DIR.value)
@@ -67,10 +57,10 @@ def main(argv):
     print(f'{_OUTPUT_DIR.value}: OK')
     return 0
   if not _INPUT_DIR.value:
-    raise InputError('--input_dir is required')
+    raise errors.InputError('--input_dir is required')
   options = writer.Options(
       unknown_color=_UNKNOWN_COLOR.value,
-      resize=parse_size(_RESIZE.value, 'resize') if _RESIZE.value else None)
+      resize=sizes.parse_hxw(_RESIZE.value, '--resize') if _RESIZE.value else None)
   writer.build(_INPUT_DIR.value, _OUTPUT_DIR.value, layout=_LAYOUT.value,
                num_shards=parse_num_shards(_NUM_SHARDS.value), num_workers=_NUM_WORKERS.value,
                options=options, overwrite=_OVERWRITE.value)
@@ -79,7 +69,7 @@ def main(argv):
 
 def run():
   """Console-script entry: user mistakes become one line on stderr and exit code 2."""
-  run_app(main)
+  errors.run_app(main)
 
 
 if __name__ == '__main__':

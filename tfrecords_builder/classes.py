@@ -10,7 +10,7 @@ import functools
 
 import numpy as np
 
-from tfrecords_builder.errors import InputError
+from camvid_common import errors
 from tfrecords_builder.features import IGNORE_LABEL
 
 VOID_NAMES = frozenset({'void', 'unlabelled', 'unlabeled'})
@@ -88,42 +88,44 @@ def parse_class_dict(text: str, path: str) -> ClassTable:
   """Parses class_dict.csv text (`name,r,g,b`), tolerating stray spaces, CRLF, BOM, no final newline.
 
   Raises:
-    InputError: naming `path` and the line, for any malformed content.
+    errors.InputError: naming `path` and the line, for any malformed content.
   """
   lines = [line.strip() for line in text.lstrip('\ufeff').splitlines()]
   lines = [(n, line) for n, line in enumerate(lines, 1) if line]
   if not lines:
-    raise InputError(f'{path}: empty class table')
+    raise errors.InputError(f'{path}: empty class table')
   header = [c.strip().lower() for c in lines[0][1].split(',')]
   if header != ['name', 'r', 'g', 'b']:
-    raise InputError(f'{path}: line {lines[0][0]}: expected header "name,r,g,b", got '
-                     f'"{lines[0][1]}"')
+    raise errors.InputError(f'{path}: line {lines[0][0]}: expected header "name,r,g,b", got '
+                            f'"{lines[0][1]}"')
   rows, seen_names, seen_colors = [], {}, {}
   for n, line in lines[1:]:
     cells = [c.strip() for c in line.split(',')]
     if len(cells) != 4 or not cells[0]:
-      raise InputError(f'{path}: line {n}: expected "name,r,g,b", got "{line}"')
+      raise errors.InputError(f'{path}: line {n}: expected "name,r,g,b", got "{line}"')
     try:
       color = tuple(int(c) for c in cells[1:])
     except ValueError:
-      raise InputError(f'{path}: line {n}: colour values must be integers, got "{line}"') from None
+      raise errors.InputError(
+          f'{path}: line {n}: colour values must be integers, got "{line}"') from None
     if any(not 0 <= c <= 255 for c in color):
-      raise InputError(f'{path}: line {n}: colour values must be in 0..255, got "{line}"')
+      raise errors.InputError(f'{path}: line {n}: colour values must be in 0..255, got "{line}"')
     name = cells[0]
     if name.lower() in seen_names:
-      raise InputError(f'{path}: line {n}: duplicate class name "{name}" '
-                       f'(first on line {seen_names[name.lower()]})')
+      raise errors.InputError(f'{path}: line {n}: duplicate class name "{name}" '
+                              f'(first on line {seen_names[name.lower()]})')
     if color in seen_colors:
-      raise InputError(f'{path}: line {n}: colour {color} of "{name}" is already used by '
-                       f'"{seen_colors[color]}"')
+      raise errors.InputError(f'{path}: line {n}: colour {color} of "{name}" is already used by '
+                              f'"{seen_colors[color]}"')
     seen_names[name.lower()] = n
     seen_colors[color] = name
     rows.append((name, color))
   table = ClassTable(rows=tuple(rows))
   if table.num_classes == 0:
-    raise InputError(f'{path}: no non-void classes')
+    raise errors.InputError(f'{path}: no non-void classes')
   if table.num_classes > MAX_CLASSES:
-    raise InputError(f'{path}: {table.num_classes} classes; at most {MAX_CLASSES} are supported')
+    raise errors.InputError(
+        f'{path}: {table.num_classes} classes; at most {MAX_CLASSES} are supported')
   return table
 
 
@@ -163,7 +165,7 @@ def colors_to_indices(rgb: np.ndarray, table: ClassTable, path: str,
       top = int(np.argmax(counts))
       color = ((values[top] >> 16) & 255, (values[top] >> 8) & 255, values[top] & 255)
       more = f' and {len(values) - 1} other unknown colour(s)' if len(values) > 1 else ''
-      raise InputError(
+      raise errors.InputError(
           f'{path}: colour {tuple(int(c) for c in color)} is not in class_dict.csv '
           f'({int(counts[top])} pixels){more}; fix the label or pass --unknown_color=void')
   return mask
@@ -180,7 +182,7 @@ def values_to_indices(values: np.ndarray, table: ClassTable, path: str,
     else:
       bad, counts = np.unique(values[unknown], return_counts=True)
       more = f' and {len(bad) - 1} other unknown value(s)' if len(bad) > 1 else ''
-      raise InputError(
+      raise errors.InputError(
           f'{path}: label value {int(bad[0])} is not a class of the {len(table.rows)}-row table '
           f'({int(counts[0])} pixels){more}; fix the label or pass --unknown_color=void')
   return mask

@@ -10,8 +10,8 @@ import posixpath
 
 import tensorflow as tf
 
+from camvid_common import errors
 from tfrecords_builder import classes
-from tfrecords_builder.errors import InputError
 
 SPLITS = ('train', 'val', 'test')
 LAYOUTS = ('kaggle', 'segnet')
@@ -49,11 +49,11 @@ def detect_layout(input_dir: str) -> str:
   if len(found) == 1:
     return found.pop()
   if not found:
-    raise InputError(
+    raise errors.InputError(
         f'{input_dir}: not a CamVid folder: expected kaggle label folders '
         f'({", ".join(_label_dir("kaggle", s) for s in SPLITS)}) or segnet ones '
         f'({", ".join(_label_dir("segnet", s) for s in SPLITS)})')
-  raise InputError(f'{input_dir}: has both kaggle and segnet label folders; pass --layout')
+  raise errors.InputError(f'{input_dir}: has both kaggle and segnet label folders; pass --layout')
 
 
 def _files(directory: str) -> list[str]:
@@ -68,7 +68,7 @@ def _pairs(input_dir: str, layout: str, split: str) -> tuple[Pair, ...]:
     stem, ext = posixpath.splitext(name)
     if ext.lower() in IMAGE_EXTENSIONS:
       if stem in images:
-        raise InputError(f'{join(image_dir, name)}: two images for frame "{stem}"')
+        raise errors.InputError(f'{join(image_dir, name)}: two images for frame "{stem}"')
       images[stem] = name
   suffix = '_L' if layout == 'kaggle' else ''
   labels = {}
@@ -77,10 +77,10 @@ def _pairs(input_dir: str, layout: str, split: str) -> tuple[Pair, ...]:
     if ext.lower() == '.png' and stem.endswith(suffix):
       labels[stem[:len(stem) - len(suffix)]] = name
   for stem in sorted(set(labels) - set(images)):
-    raise InputError(f'{join(label_dir, labels[stem])}: label has no image in {image_dir}/')
+    raise errors.InputError(f'{join(label_dir, labels[stem])}: label has no image in {image_dir}/')
   for stem in sorted(set(images) - set(labels)):
-    raise InputError(f'{join(image_dir, images[stem])}: image has no label '
-                     f'{join(label_dir, stem + suffix + ".png")}')
+    raise errors.InputError(f'{join(image_dir, images[stem])}: image has no label '
+                            f'{join(label_dir, stem + suffix + ".png")}')
   return tuple(Pair(stem, join(image_dir, images[stem]), join(label_dir, labels[stem]))
                for stem in sorted(images))
 
@@ -93,21 +93,21 @@ def read_table(input_dir: str, layout: str) -> classes.ClassTable:
     try:
       text = raw.decode('utf-8')
     except UnicodeDecodeError:
-      raise InputError(f'{path}: not UTF-8 text') from None
+      raise errors.InputError(f'{path}: not UTF-8 text') from None
     return classes.parse_class_dict(text, path)
   if layout == 'kaggle':
-    raise InputError(f'{path}: missing; the kaggle layout needs class_dict.csv (name,r,g,b)')
+    raise errors.InputError(f'{path}: missing; the kaggle layout needs class_dict.csv (name,r,g,b)')
   return classes.segnet_table()
 
 
 def discover(input_dir: str, layout: str | None = None) -> Dataset:
   """Lists every split that exists under `input_dir`, pairing images with labels."""
   if not tf.io.gfile.isdir(input_dir):
-    raise InputError(f'--input_dir {input_dir}: no such directory')
+    raise errors.InputError(f'--input_dir {input_dir}: no such directory')
   if layout is None:
     layout = detect_layout(input_dir)
   elif layout not in LAYOUTS:
-    raise InputError(f'--layout {layout}: must be one of {", ".join(LAYOUTS)}')
+    raise errors.InputError(f'--layout {layout}: must be one of {", ".join(LAYOUTS)}')
   table = read_table(input_dir, layout)
   splits = {}
   for split in SPLITS:
@@ -115,13 +115,13 @@ def discover(input_dir: str, layout: str | None = None) -> Dataset:
     has_labels = tf.io.gfile.isdir(join(input_dir, _label_dir(layout, split)))
     if has_images != has_labels:
       missing = _label_dir(layout, split) if has_images else split
-      raise InputError(f'{join(input_dir, missing)}/: missing; split "{split}" needs both '
-                       f'{split}/ and {_label_dir(layout, split)}/')
+      raise errors.InputError(f'{join(input_dir, missing)}/: missing; split "{split}" needs both '
+                              f'{split}/ and {_label_dir(layout, split)}/')
     if has_images:
       pairs = _pairs(input_dir, layout, split)
       if pairs:
         splits[split] = pairs
   if not splits:
-    raise InputError(f'{input_dir}: no {layout} frames found in any split '
-                     f'({", ".join(SPLITS)})')
+    raise errors.InputError(f'{input_dir}: no {layout} frames found in any split '
+                            f'({", ".join(SPLITS)})')
   return Dataset(layout=layout, table=table, splits=splits)

@@ -15,9 +15,9 @@ import json
 
 import tensorflow as tf
 
+from camvid_common import errors
+from camvid_common import fileio
 from tfrecords_builder import features
-from tfrecords_builder.errors import InputError
-from tfrecords_builder.fileio import write_atomic
 from tfrecords_builder.layouts import join
 
 FORMAT_VERSION = 1
@@ -53,8 +53,8 @@ class Manifest:
 
   def split(self, name: str) -> dict:
     if name not in self.splits:
-      raise InputError(f'{join(self.data_dir, MANIFEST_NAME)}: no split "{name}" '
-                       f'(has: {", ".join(self.splits) or "none"})')
+      raise errors.InputError(f'{join(self.data_dir, MANIFEST_NAME)}: no split "{name}" '
+                              f'(has: {", ".join(self.splits) or "none"})')
     return self.splits[name]
 
   def shard_paths(self, split: str) -> list[str]:
@@ -63,7 +63,7 @@ class Manifest:
 
 def write(output_dir: str, raw: dict) -> None:
   validate(raw, join(output_dir, MANIFEST_NAME))
-  write_atomic(join(output_dir, MANIFEST_NAME), json.dumps(raw, indent=2) + '\n')
+  fileio.write_atomic(join(output_dir, MANIFEST_NAME), json.dumps(raw, indent=2) + '\n')
 
 
 def feature_keys() -> dict:
@@ -74,7 +74,7 @@ def feature_keys() -> dict:
 def validate(raw: dict, path: str) -> None:
   """Raises InputError naming `path` if `raw` does not follow the schema above."""
   def fail(what):
-    raise InputError(f'{path}: {what}')
+    raise errors.InputError(f'{path}: {what}')
   if not isinstance(raw, dict):
     fail('not a JSON object')
   if raw.get('format_version') != FORMAT_VERSION:
@@ -107,12 +107,13 @@ def read(data_dir: str) -> Manifest:
     with tf.io.gfile.GFile(path, 'r') as f:
       text = f.read()
   except tf.errors.NotFoundError:
-    raise InputError(f'{path}: not found; is {data_dir} a tfrecords_builder output dir?') from None
+    raise errors.InputError(
+        f'{path}: not found; is {data_dir} a tfrecords_builder output dir?') from None
   except tf.errors.OpError as e:
-    raise InputError(f'{path}: cannot read: {e.message}') from None
+    raise errors.InputError(f'{path}: cannot read: {e.message}') from None
   try:
     raw = json.loads(text)
   except json.JSONDecodeError as e:
-    raise InputError(f'{path}: not valid JSON ({e})') from None
+    raise errors.InputError(f'{path}: not valid JSON ({e})') from None
   validate(raw, path)
   return Manifest(data_dir=data_dir, raw=raw)

@@ -10,17 +10,21 @@ not as a colour lookup. Labels are exact; the class shares are close to real Cam
 
 Usage:
   python -m tfrecords_builder.synthetic --output_dir D --layout kaggle|segnet --num N
-      --size WxH [--splits train,val] [--seed 0] [--nowrite_class_dict]
+      --size HxW [--splits train,val] [--seed 0] [--nowrite_class_dict]
 
---num is a count per split (20) or per-split counts (train=20,val=5).
+--num is a count per split (20) or per-split counts (train=20,val=5). --size is height x width,
+like every size flag (default 360x480, CamVid's SegNet frames); the Python API (`generate`,
+`render_scene`) takes width and height in that order instead, as PIL does.
 """
 
 import re
-import sys
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from camvid_common import errors
+from camvid_common import sizes
 
 LAYOUTS = ('kaggle', 'segnet')
 MIN_SIDE = 8
@@ -339,9 +343,10 @@ def render_scene(rng: np.random.Generator, width: int, height: int
 
 
 def _check_size(size) -> tuple[int, int]:
+  """(width, height) as ints, each at least MIN_SIDE."""
   width, height = (int(v) for v in size)
   if width < MIN_SIDE or height < MIN_SIDE:
-    raise ValueError(f'size {width}x{height}: width and height must be at least {MIN_SIDE}')
+    raise ValueError(f'size (width {width}, height {height}): both must be at least {MIN_SIDE}')
   return width, height
 
 
@@ -363,7 +368,7 @@ def generate(output_dir: str, layout: str, num: int | dict[str, int], size: tupl
     layout: 'kaggle' ({split}/<frame>.png, RGB colour labels {split}_labels/<frame>_L.png and
       the Kaggle class_dict.csv) or 'segnet' ({split}annot/<frame>.png index labels, 11 = void).
     num: frames per split, or {split: count}, whose keys are then the splits written.
-    size: (width, height) in pixels.
+    size: (width, height) in pixels: width first, as PIL's Image.size (the --size flag is HxW).
     splits: the splits written when `num` is an int.
     seed: non-negative seed.
     write_class_dict: write class_dict.csv. The builder has the SegNet table built in; a Kaggle
@@ -416,60 +421,52 @@ def generate(output_dir: str, layout: str, num: int | dict[str, int], size: tupl
 # (the builder does, and has its own --output_dir) cannot collide with them.
 
 
-def _fail(message: str):
-  sys.stderr.write(f'synthetic: error: {message}\n')
-  sys.exit(2)
-
-
-def _parse_flags(argv):
-  """absl's flag parsing, but a bad flag gives one line on stderr and exit 2, not a usage dump."""
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  try:
-    return flags.FLAGS(argv)
-  except flags.Error as e:
-    _fail(' '.join(str(e).split()))
-
-
 def _main(argv):
+  del argv  # run_app rejects positional arguments.
   from absl import flags  # pylint: disable=g-import-not-at-top
   opts = flags.FLAGS
-  if len(argv) > 1:
-    _fail(f'unexpected arguments: {" ".join(argv[1:])}')
   if not opts.output_dir:
-    _fail('--output_dir is required')
-  size = re.fullmatch(r'(\d+)x(\d+)', opts.size)
-  if not size:
-    _fail(f'--size "{opts.size}": expected WIDTHxHEIGHT, e.g. 480x360')
+    raise errors.InputError('--output_dir is required')
+  height, width = sizes.parse_hxw(opts.size, '--size')
+  if height < MIN_SIDE or width < MIN_SIDE:
+    raise errors.InputError(f'--size {opts.size}: height and width must be at least {MIN_SIDE}')
   if re.fullmatch(r'\d+', opts.num):
     num = int(opts.num)
   elif re.fullmatch(r'[A-Za-z0-9_-]+=\d+(,[A-Za-z0-9_-]+=\d+)*', opts.num):
     num = {split: int(n) for split, n in (item.split('=') for item in opts.num.split(','))}
   else:
-    _fail(f'--num "{opts.num}": expected a count (20) or split=count pairs (train=20,val=5)')
+    raise errors.InputError(f'--num {opts.num}: expected a count (20) or split=count pairs '
+                            '(train=20,val=5)')
   splits = [s.strip() for s in opts.splits.split(',') if s.strip()]
+  if not all(re.fullmatch(r'[A-Za-z0-9_-]+', split) for split in splits):
+    raise errors.InputError(f'--splits {opts.splits}: split names use letters, digits, "_" or '
+                            '"-"')
   if isinstance(num, dict) and opts['splits'].present and set(splits) != set(num):
-    _fail(f'--splits "{opts.splits}" does not match the splits in --num "{opts.num}"')
+    raise errors.InputError(f'--splits {opts.splits}: does not match the splits in --num '
+                            f'{opts.num}')
   try:
-    written = generate(opts.output_dir, opts.layout, num,
-                       (int(size.group(1)), int(size.group(2))), splits=splits, seed=opts.seed,
-                       write_class_dict=opts.write_class_dict)
-  except (ValueError, OSError) as e:
-    _fail(str(e))
+    written = generate(opts.output_dir, opts.layout, num, (width, height), splits=splits,
+                       seed=opts.seed, write_class_dict=opts.write_class_dict)
+  except OSError as e:
+    raise errors.InputError(f'{e.filename or opts.output_dir}: {e.strerror or e}') from None
+  except ValueError as e:
+    raise errors.InputError(str(e)) from None
   counts = ', '.join(f'{split}={len(names)}' for split, names in written.items())
-  print(f'Wrote {counts} {opts.layout} frames of {opts.size} to {opts.output_dir}')
+  print(f'Wrote {counts} {opts.layout} frames of {height}x{width} (HxW) to {opts.output_dir}')
 
 
 def run():
   """Command-line entry (also the `camvid-synthetic` console script)."""
-  from absl import app, flags  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
   flags.DEFINE_string('output_dir', None, 'Folder to write the CamVid-layout frames into.')
   flags.DEFINE_enum('layout', 'kaggle', LAYOUTS, 'On-disk CamVid layout to write.')
   flags.DEFINE_string('num', '20', 'Frames per split (20) or per-split counts (train=20,val=5).')
-  flags.DEFINE_string('size', '480x360', 'Frame size as WIDTHxHEIGHT.')
+  flags.DEFINE_string('size', '360x480', 'Frame size as HxW (height x width), e.g. 360x480.')
   flags.DEFINE_string('splits', 'train,val', 'Comma-separated splits, used when --num is a count.')
-  flags.DEFINE_integer('seed', 0, 'Non-negative seed; the same flags give byte-identical files.')
+  flags.DEFINE_integer('seed', 0, 'Non-negative seed; the same flags give byte-identical files.',
+                       lower_bound=0)
   flags.DEFINE_bool('write_class_dict', True, 'Write class_dict.csv.')
-  app.run(_main, flags_parser=_parse_flags)
+  errors.run_app(_main)
 
 
 if __name__ == '__main__':

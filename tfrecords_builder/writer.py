@@ -25,12 +25,12 @@ import numpy as np
 from PIL import Image
 import tensorflow as tf
 
+from camvid_common import errors
+from camvid_common import fileio
 from tfrecords_builder import classes
 from tfrecords_builder import features
 from tfrecords_builder import layouts
 from tfrecords_builder import manifest as manifest_lib
-from tfrecords_builder.errors import InputError
-from tfrecords_builder.fileio import check_bucket, is_temp, temp_path, write_atomic
 from tfrecords_builder.layouts import join
 
 # ~8 MB shards of 480x360 PNG frames: enough shards to spread across workers and to shard by
@@ -84,7 +84,7 @@ def _open_image(data: bytes, path: str) -> Image.Image:
     image = Image.open(io.BytesIO(data))
     image.load()
   except Exception as e:  # PIL raises OSError, SyntaxError, ValueError... for bad files.
-    raise InputError(f'{path}: corrupt or truncated image ({e})') from None
+    raise errors.InputError(f'{path}: corrupt or truncated image ({e})') from None
   return image
 
 
@@ -93,7 +93,7 @@ def _read(path: str) -> bytes:
     with tf.io.gfile.GFile(path, 'rb') as f:
       return f.read()
   except tf.errors.OpError as e:
-    raise InputError(f'{path}: cannot read ({e.message})') from None
+    raise errors.InputError(f'{path}: cannot read ({e.message})') from None
 
 
 def _png(array: np.ndarray) -> bytes:
@@ -112,8 +112,8 @@ def _label_indices(label: Image.Image, layout: str, table: classes.ClassTable, p
   elif label.mode == 'RGB' and np.ptp(np.asarray(label), axis=-1).max(initial=0) == 0:
     values = np.asarray(label)[..., 0]
   else:
-    raise InputError(f'{path}: segnet labels must be single-channel class indices, '
-                     f'got a {label.mode} image')
+    raise errors.InputError(f'{path}: segnet labels must be single-channel class indices, '
+                            f'got a {label.mode} image')
   return classes.values_to_indices(values, table, path, unknown_color)
 
 
@@ -124,8 +124,9 @@ def encode_pair(pair: layouts.Pair, layout: str, table: classes.ClassTable,
   image = _open_image(image_bytes, pair.image_path)
   label = _open_image(_read(pair.label_path), pair.label_path)
   if image.size != label.size:
-    raise InputError(f'{pair.label_path}: size {label.size[0]}x{label.size[1]} differs from its '
-                     f'image {pair.image_path} ({image.size[0]}x{image.size[1]})')
+    raise errors.InputError(
+        f'{pair.label_path}: size {label.size[1]}x{label.size[0]} (HxW) differs from its '
+        f'image {pair.image_path} ({image.size[1]}x{image.size[0]})')
   mask = _label_indices(label, layout, table, pair.label_path, options.unknown_color)
   if options.resize is not None:
     height, width = options.resize
@@ -206,7 +207,7 @@ def _write_in_order(tasks: list[ShardTask], encoded):
   for task in tasks:
     start = time.perf_counter()
     final = join(task.output_dir, task.name)
-    tmp = temp_path(final)
+    tmp = fileio.temp_path(final)
     counts = np.zeros(256, np.int64)
     sizes = set()
     try:
@@ -223,7 +224,7 @@ def _write_in_order(tasks: list[ShardTask], encoded):
           'image_sizes': sorted(list(s) for s in sizes),
       }
       # Stats first, then the rename: a shard under its final name always has its stats.
-      write_atomic(_stats_path(task.output_dir, task.name), json.dumps(stats))
+      fileio.write_atomic(_stats_path(task.output_dir, task.name), json.dumps(stats))
       tf.io.gfile.rename(tmp, final, overwrite=True)
     except BaseException:
       if tf.io.gfile.exists(tmp):
@@ -263,7 +264,7 @@ def _prepare_output_dir(output_dir: str, fingerprint: str, overwrite: bool,
     return None
   entries = [e.rstrip('/') for e in tf.io.gfile.listdir(output_dir)]
   ours = [e for e in entries if e in (manifest_lib.MANIFEST_NAME, BUILD_DIR) or
-          SHARD_RE.match(e) or (is_temp(e) and SHARD_RE.match(e.split('.tmp-')[0]))]
+          SHARD_RE.match(e) or (fileio.is_temp(e) and SHARD_RE.match(e.split('.tmp-')[0]))]
   foreign = sorted(set(entries) - set(ours))
   if overwrite:
     # Manifest first: from this instant no reader treats the old shards as a complete build.
@@ -273,25 +274,26 @@ def _prepare_output_dir(output_dir: str, fingerprint: str, overwrite: bool,
       log(f'note: --overwrite kept {len(foreign)} unrelated entries in {output_dir}')
     return None
   if foreign:
-    raise InputError(f'--output_dir {output_dir}: holds other data ({", ".join(foreign[:3])}'
-                     f'{", ..." if len(foreign) > 3 else ""}); use an empty directory or '
-                     '--overwrite')
+    raise errors.InputError(f'--output_dir {output_dir}: holds other data ({", ".join(foreign[:3])}'
+                            f'{", ..." if len(foreign) > 3 else ""}); use an empty directory or '
+                            '--overwrite')
   if manifest_lib.MANIFEST_NAME in entries:
     existing = manifest_lib.read(output_dir).raw
     if existing.get('fingerprint') == fingerprint:
       return existing
-    raise InputError(f'--output_dir {output_dir}: already holds a different build '
-                     '(other inputs or flags); pass --overwrite to replace it')
+    raise errors.InputError(f'--output_dir {output_dir}: already holds a different build '
+                            '(other inputs or flags); pass --overwrite to replace it')
   if not ours:
     return None
   plan_path = join(output_dir, BUILD_DIR, 'plan.json')
   if not tf.io.gfile.exists(plan_path):
-    raise InputError(f'--output_dir {output_dir}: holds shards of an unknown build; pass '
-                     '--overwrite to replace them')
+    raise errors.InputError(f'--output_dir {output_dir}: holds shards of an unknown build; pass '
+                            '--overwrite to replace them')
   with tf.io.gfile.GFile(plan_path) as f:
     if json.load(f).get('fingerprint') != fingerprint:
-      raise InputError(f'--output_dir {output_dir}: holds an unfinished build with other inputs '
-                       'or flags; rerun that build or pass --overwrite')
+      raise errors.InputError(
+          f'--output_dir {output_dir}: holds an unfinished build with other inputs '
+          'or flags; rerun that build or pass --overwrite')
   _remove_temps(output_dir)  # Leftovers of writers killed mid-shard.
   return None
 
@@ -300,7 +302,7 @@ def _remove_temps(output_dir: str) -> None:
   for directory in (output_dir, join(output_dir, BUILD_DIR)):
     if tf.io.gfile.isdir(directory):
       for entry in tf.io.gfile.listdir(directory):
-        if is_temp(entry):
+        if fileio.is_temp(entry):
           _remove(join(directory, entry))
 
 
@@ -334,20 +336,20 @@ def build(input_dir: str, output_dir: str, *, layout: str | None = None,
   """Converts a CamVid folder to shards + manifest.json; returns the manifest.
 
   Raises:
-    InputError: for any bad input; no manifest is written then.
+    errors.InputError: for any bad input; no manifest is written then.
   """
   if options.unknown_color not in UNKNOWN_COLOR_MODES:
-    raise InputError(f'--unknown_color {options.unknown_color}: must be one of '
-                     f'{", ".join(UNKNOWN_COLOR_MODES)}')
+    raise errors.InputError(f'--unknown_color {options.unknown_color}: must be one of '
+                            f'{", ".join(UNKNOWN_COLOR_MODES)}')
   input_dir, output_dir = input_dir.rstrip('/'), output_dir.rstrip('/')
-  check_bucket(input_dir, '--input_dir')
-  check_bucket(output_dir, '--output_dir')
+  fileio.check_bucket(input_dir, '--input_dir')
+  fileio.check_bucket(output_dir, '--output_dir')
   dataset = layouts.discover(input_dir, layout)
   shard_counts = {}
   for split, pairs in dataset.splits.items():
     wanted = num_shards.get(split) if isinstance(num_shards, dict) else num_shards
     if wanted is not None and wanted < 1:
-      raise InputError(f'--num_shards {wanted}: must be at least 1')
+      raise errors.InputError(f'--num_shards {wanted}: must be at least 1')
     shard_counts[split] = min(len(pairs), wanted or default_num_shards(len(pairs)))
   fingerprint = plan_fingerprint(dataset, input_dir, shard_counts, options)
   done = _prepare_output_dir(output_dir, fingerprint, overwrite, log)
@@ -355,7 +357,8 @@ def build(input_dir: str, output_dir: str, *, layout: str | None = None,
     log(f'{output_dir}: already built by the same inputs and flags; nothing to do')
     return done
   tf.io.gfile.makedirs(join(output_dir, BUILD_DIR))
-  write_atomic(join(output_dir, BUILD_DIR, 'plan.json'), json.dumps({'fingerprint': fingerprint}))
+  fileio.write_atomic(
+      join(output_dir, BUILD_DIR, 'plan.json'), json.dumps({'fingerprint': fingerprint}))
 
   tasks = [ShardTask(split, i, shard_counts[split], pairs, output_dir, dataset.layout,
                      dataset.table, options)

@@ -27,7 +27,7 @@ import math
 import numpy as np
 import tensorflow as tf
 
-from tfrecords_builder import fileio
+from camvid_common import fileio
 from trainer import data
 from trainer import inference
 from trainer import metrics

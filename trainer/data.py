@@ -19,9 +19,9 @@ import math
 
 import tensorflow as tf
 
+from camvid_common import errors
 from tfrecords_builder import features
 from tfrecords_builder.manifest import Manifest
-from trainer.errors import ConfigError
 
 AUTOTUNE = tf.data.AUTOTUNE
 _MAX_PARALLEL_FILES = 16
@@ -62,8 +62,8 @@ def steps_per_pass(manifest: Manifest, split: str, global_batch: int,
 
 def check_batch(global_batch: int, num_replicas: int, flag: str) -> None:
   if global_batch % num_replicas:
-    raise ConfigError(f'{flag}: global batch {global_batch} is not divisible by the '
-                     f'{num_replicas} replicas')
+    raise errors.ConfigError(f'{flag}: global batch {global_batch} is not divisible by the '
+                             f'{num_replicas} replicas')
 
 
 def _records(share: PipelineShare, ctx: tf.distribute.InputContext,

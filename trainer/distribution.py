@@ -13,7 +13,7 @@ import signal
 import keras
 import tensorflow as tf
 
-from trainer.errors import ConfigError
+from camvid_common import errors
 
 DEFAULT_WORKER_PORT = 2222
 
@@ -48,18 +48,19 @@ def tf_config_from_env(env=os.environ) -> dict | None:
     try:
       spec = json.loads(env['TF_CONFIG'])
     except json.JSONDecodeError as e:
-      raise ConfigError(f'TF_CONFIG: not valid JSON ({e})') from None
+      raise errors.ConfigError(f'TF_CONFIG: not valid JSON ({e})') from None
     _validate_tf_config(spec)
     return spec
   if 'JOB_COMPLETION_INDEX' in env and int(env.get('CAMVID_NUM_WORKERS', '1') or 1) > 1:
     try:
       index, num_workers = int(env['JOB_COMPLETION_INDEX']), int(env['CAMVID_NUM_WORKERS'])
     except ValueError:
-      raise ConfigError('JOB_COMPLETION_INDEX and CAMVID_NUM_WORKERS must be integers') from None
+      raise errors.ConfigError(
+          'JOB_COMPLETION_INDEX and CAMVID_NUM_WORKERS must be integers') from None
     missing = [k for k in ('CAMVID_JOB_NAME', 'CAMVID_SERVICE_NAME') if not env.get(k)]
     if missing:
-      raise ConfigError(f'{", ".join(missing)}: required to address the other workers of an '
-                        'Indexed Job (see README, "Kubernetes")')
+      raise errors.ConfigError(f'{", ".join(missing)}: required to address the other workers of an '
+                               'Indexed Job (see README, "Kubernetes")')
     port = int(env.get('CAMVID_WORKER_PORT', DEFAULT_WORKER_PORT))
     hosts = [f'{env["CAMVID_JOB_NAME"]}-{i}.{env["CAMVID_SERVICE_NAME"]}:{port}'
              for i in range(num_workers)]
@@ -71,20 +72,20 @@ def tf_config_from_env(env=os.environ) -> dict | None:
 
 def _validate_tf_config(spec) -> None:
   if not isinstance(spec, dict) or not isinstance(spec.get('cluster'), dict):
-    raise ConfigError('TF_CONFIG: needs a "cluster" object')
+    raise errors.ConfigError('TF_CONFIG: needs a "cluster" object')
   cluster, task = spec['cluster'], spec.get('task')
   if not cluster.get('worker') and not cluster.get('chief'):
-    raise ConfigError('TF_CONFIG: cluster has neither "chief" nor "worker" tasks')
+    raise errors.ConfigError('TF_CONFIG: cluster has neither "chief" nor "worker" tasks')
   for role, hosts in cluster.items():
     if not isinstance(hosts, list) or not all(isinstance(h, str) and ':' in h for h in hosts):
-      raise ConfigError(f'TF_CONFIG: cluster "{role}" must be a list of "host:port" strings')
+      raise errors.ConfigError(f'TF_CONFIG: cluster "{role}" must be a list of "host:port" strings')
   if not isinstance(task, dict) or task.get('type') not in cluster:
-    raise ConfigError(f'TF_CONFIG: task type {task and task.get("type")!r} is not in the '
-                      f'cluster ({", ".join(cluster)})')
+    raise errors.ConfigError(f'TF_CONFIG: task type {task and task.get("type")!r} is not in the '
+                             f'cluster ({", ".join(cluster)})')
   index = task.get('index')
   if not isinstance(index, int) or not 0 <= index < len(cluster[task['type']]):
-    raise ConfigError(f'TF_CONFIG: task index {index!r} is out of range for '
-                      f'{len(cluster[task["type"]])} "{task["type"]}" tasks')
+    raise errors.ConfigError(f'TF_CONFIG: task index {index!r} is out of range for '
+                             f'{len(cluster[task["type"]])} "{task["type"]}" tasks')
 
 
 def _num_tasks(spec: dict | None) -> int:
@@ -126,7 +127,8 @@ def create_runtime(kind: str = 'auto', precision: str = 'auto',
   keras.mixed_precision.set_global_policy(precision)
   if kind == 'multi_worker':
     if spec is None:
-      raise ConfigError('--strategy multi_worker: needs TF_CONFIG or an Indexed Job environment')
+      raise errors.ConfigError(
+          '--strategy multi_worker: needs TF_CONFIG or an Indexed Job environment')
     os.environ['TF_CONFIG'] = json.dumps(spec)
     # Collectives (every all-reduce) fail after the timeout instead of waiting for a dead peer.
     options = tf.distribute.experimental.CommunicationOptions(timeout_seconds=timeout_seconds)
@@ -150,7 +152,7 @@ def create_runtime(kind: str = 'auto', precision: str = 'auto',
     elif kind == 'default':
       strategy = tf.distribute.get_strategy()
     else:
-      raise ConfigError(f'--strategy {kind}: unknown')
+      raise errors.ConfigError(f'--strategy {kind}: unknown')
     is_chief, index, num_workers = True, 0, 1
   runtime = Runtime(strategy=strategy, kind=kind, is_chief=is_chief, worker_index=index,
                     num_workers=num_workers, precision=precision)

@@ -33,8 +33,8 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 from absl import flags  # pylint: disable=g-import-not-at-top
 
-from tfrecords_builder.errors import run_app
-from trainer.errors import ConfigError
+from camvid_common.errors import ConfigError
+from camvid_common.errors import run_app
 
 _MODEL_DIR = flags.DEFINE_string('model_dir', None, 'A trainer model_dir (local or gs://).')
 _DATA_DIR = flags.DEFINE_string('data_dir', None, 'A tfrecords_builder output dir.')
@@ -151,7 +151,7 @@ def main(argv):
   for flag in (_MODEL_DIR, _DATA_DIR):
     if not flag.value:
       raise ConfigError(f'--{flag.name} is required')
-  from tfrecords_builder import fileio  # pylint: disable=g-import-not-at-top
+  from camvid_common import fileio  # pylint: disable=g-import-not-at-top
   for flag in (_MODEL_DIR, _DATA_DIR, _OUTPUT):
     fileio.check_bucket(flag.value, f'--{flag.name}')
   if _LOGIT_ADJUSTMENT.value is not None and not 0 <= _LOGIT_ADJUSTMENT.value <= 1:
@@ -167,7 +167,7 @@ def main(argv):
                               _LOGIT_ADJUSTMENT.value, _CALIBRATION_SPLIT.value, scales)
   text = json.dumps(result, indent=2) + '\n'
   if _OUTPUT.value:
-    from tfrecords_builder.fileio import write_atomic  # pylint: disable=g-import-not-at-top
+    from camvid_common.fileio import write_atomic  # pylint: disable=g-import-not-at-top
     write_atomic(_OUTPUT.value, text)
     print(f'{_SPLIT.value}: {result["num_examples"]} examples, mIoU {result["mean_iou"]:.4f}, '
           f'pixel accuracy {result["pixel_accuracy"]:.4f} -> {_OUTPUT.value}')

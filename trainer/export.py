@@ -27,8 +27,8 @@ import tempfile
 import keras
 import tensorflow as tf
 
-from tfrecords_builder import fileio
-from tfrecords_builder.errors import InputError
+from camvid_common import fileio
+from camvid_common.errors import InputError
 from trainer import inference
 
 MODEL_NAME = 'model.keras'

@@ -11,7 +11,7 @@ import io
 
 import tensorflow as tf
 
-from tfrecords_builder.fileio import write_atomic
+from camvid_common import fileio
 
 HISTORY_NAME = 'history.csv'
 
@@ -31,7 +31,7 @@ def write(path: str, rows: list[dict]) -> None:
   writer = csv.DictWriter(out, fieldnames=columns, lineterminator='\n')
   writer.writeheader()
   writer.writerows(rows)
-  write_atomic(path, out.getvalue())
+  fileio.write_atomic(path, out.getvalue())
 
 
 def completed(rows: list[dict], num_epochs_done: int) -> list[dict]:

@@ -18,7 +18,7 @@ import json
 import numpy as np
 import tensorflow as tf
 
-from tfrecords_builder import fileio
+from camvid_common import fileio
 from trainer import model as model_lib
 
 INFERENCE_NAME = 'inference.json'

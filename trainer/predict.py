@@ -29,8 +29,8 @@ import numpy as np
 from PIL import Image
 import tensorflow as tf
 
-from tfrecords_builder import fileio
-from tfrecords_builder.errors import InputError, run_app
+from camvid_common import errors
+from camvid_common import fileio
 from trainer import export as export_lib
 from trainer import visualize
 
@@ -55,29 +55,29 @@ def _op_error_text(e: tf.errors.OpError) -> str:
 def load_export(model_dir: str):
   """Loads M/export: returns (serving signature, labels dict), or raises InputError."""
   if not tf.io.gfile.isdir(model_dir):
-    raise InputError(f'--model_dir {model_dir}: no such directory')
+    raise errors.InputError(f'--model_dir {model_dir}: no such directory')
   export_dir = os.path.join(model_dir, EXPORT_SUBDIR)
   # labels.json is written last, so its absence means no export or an interrupted one.
   if not tf.io.gfile.exists(os.path.join(export_dir, export_lib.LABELS_NAME)):
-    raise InputError(f'{export_dir}: export missing or incomplete (no '
-                     f'{export_lib.LABELS_NAME}); train first, or export the trained model')
+    raise errors.InputError(f'{export_dir}: export missing or incomplete (no '
+                            f'{export_lib.LABELS_NAME}); train first, or export the trained model')
   labels = export_lib.load_labels(export_dir)
   serving_dir = os.path.join(export_dir, export_lib.SERVING_NAME)
   if not tf.io.gfile.exists(os.path.join(serving_dir, 'saved_model.pb')):
-    raise InputError(f'{serving_dir}: SavedModel missing; export the model again')
+    raise errors.InputError(f'{serving_dir}: SavedModel missing; export the model again')
   try:
     loaded = tf.saved_model.load(serving_dir)
   except (tf.errors.OpError, OSError, ValueError) as e:
-    raise InputError(f'{serving_dir}: cannot load the SavedModel ({e})') from None
+    raise errors.InputError(f'{serving_dir}: cannot load the SavedModel ({e})') from None
   if 'serving_default' not in loaded.signatures:
-    raise InputError(f'{serving_dir}: no serving_default signature')
+    raise errors.InputError(f'{serving_dir}: no serving_default signature')
   return loaded.signatures['serving_default'], labels
 
 
 def list_images(path: str) -> list[str]:
   """Returns [path] for a file, or the sorted images directly inside a directory."""
   if not tf.io.gfile.exists(path):
-    raise InputError(f'{path}: no such file or directory')
+    raise errors.InputError(f'{path}: no such file or directory')
   if not tf.io.gfile.isdir(path):
     return [path]
   images = []
@@ -87,13 +87,13 @@ def list_images(path: str) -> list[str]:
     if name.lower().endswith(IMAGE_EXTENSIONS) and not tf.io.gfile.isdir(full):
       images.append(full)
   if not images:
-    raise InputError(f'{path}: no {"/".join(IMAGE_EXTENSIONS)} images in this directory')
+    raise errors.InputError(f'{path}: no {"/".join(IMAGE_EXTENSIONS)} images in this directory')
   # a.png and a.jpg would both write a_mask.png; refuse rather than silently overwrite one.
   seen = {}
   for image in images:
     stem = _stem(image)
     if stem in seen:
-      raise InputError(f'{image}: same name as {seen[stem]}; their outputs would collide')
+      raise errors.InputError(f'{image}: same name as {seen[stem]}; their outputs would collide')
     seen[stem] = image
   return images
 
@@ -108,13 +108,14 @@ def _read_image(path: str) -> tuple[bytes, np.ndarray]:
     with tf.io.gfile.GFile(path, 'rb') as f:
       data = f.read()
   except tf.errors.OpError as e:
-    raise InputError(f'{path}: cannot read ({_op_error_text(e)})') from None
+    raise errors.InputError(f'{path}: cannot read ({_op_error_text(e)})') from None
   # Decode with the same TF decoder as the serving graph: the overlay then shows exactly the
   # pixels the model saw, and a file the graph would reject is reported here, by name.
   try:
     image = tf.io.decode_image(data, channels=3, expand_animations=False).numpy()
   except tf.errors.OpError as e:
-    raise InputError(f'{path}: not a valid PNG or JPEG image ({_op_error_text(e)})') from None
+    raise errors.InputError(
+        f'{path}: not a valid PNG or JPEG image ({_op_error_text(e)})') from None
   return data, image
 
 
@@ -157,7 +158,7 @@ class _Predictor:
       fileio.write_atomic(overlay_path, _png_bytes(
           visualize.overlay(image, ids, self._colors, ignore_label=self._ignore_label)))
       height, width = ids.shape
-      print(f'{path}: {width}x{height} -> {mask_path}, {overlay_path}', flush=True)
+      print(f'{path}: {height}x{width} -> {mask_path}, {overlay_path}', flush=True)
       self.num_done += 1
     self._pending = []
 
@@ -166,9 +167,9 @@ def main(argv):
   del argv  # run_app rejects positional arguments.
   for flag in (_MODEL_DIR, _INPUT, _OUTPUT_DIR):
     if not flag.value:
-      raise InputError(f'--{flag.name} is required')
+      raise errors.InputError(f'--{flag.name} is required')
   if _BATCH_SIZE.value < 1:
-    raise InputError(f'--batch_size {_BATCH_SIZE.value}: must be at least 1')
+    raise errors.InputError(f'--batch_size {_BATCH_SIZE.value}: must be at least 1')
 
   for flag in (_MODEL_DIR, _INPUT, _OUTPUT_DIR):
     fileio.check_bucket(flag.value, f'--{flag.name}')
@@ -182,7 +183,7 @@ def main(argv):
   for path in images:
     try:
       data, image = _read_image(path)
-    except InputError:
+    except errors.InputError:
       predictor.flush()  # The images before the bad one still get their outputs.
       raise
     predictor.add(path, data, image)
@@ -195,7 +196,7 @@ def main(argv):
 
 def run():
   """Console-script entry: user mistakes become one line on stderr and exit code 2."""
-  run_app(main)
+  errors.run_app(main)
 
 
 if __name__ == '__main__':

@@ -14,9 +14,9 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 from absl import flags  # pylint: disable=g-import-not-at-top
 
-from tfrecords_builder.errors import run_app
+from camvid_common import errors
+from camvid_common import sizes
 from trainer import configs
-from trainer.errors import ConfigError, EXIT_PREEMPTED
 
 _DATA_DIR = flags.DEFINE_string('data_dir', None, 'tfrecords_builder output dir (local or '
                                 'gs://). Unset with no other flags: run the embedded demo.')
@@ -51,14 +51,6 @@ _DEMO_DIR = flags.DEFINE_string('demo_dir', '/tmp/camvid-seg-demo', 'Where the n
                                 'writes its scenes, TFRecords and model.')
 
 
-def parse_image_size(value: str) -> tuple[int, int]:
-  try:
-    height, width = (int(v) for v in value.lower().split('x'))
-  except ValueError:
-    raise ConfigError(f'--image_size {value}: expected HxW, e.g. 256x256') from None
-  return height, width
-
-
 def resolve_config(preset: str) -> configs.Config:
   """Preset, then --hparams_file, then explicit flags."""
   try:
@@ -71,32 +63,33 @@ def resolve_config(preset: str) -> configs.Config:
         ('dropout', _DROPOUT), ('seed', _SEED), ('steps_per_epoch', _STEPS_PER_EPOCH),
         ('strategy', _STRATEGY), ('mixed_precision', _MIXED_PRECISION)) if flag.value is not None}
     if _IMAGE_SIZE.value:
-      overrides['image_size'] = parse_image_size(_IMAGE_SIZE.value)
+      overrides['image_size'] = sizes.parse_hxw(_IMAGE_SIZE.value, '--image_size')
     if _PROFILE_STEPS.value:
       try:
         overrides['profile_steps'] = tuple(int(v) for v in _PROFILE_STEPS.value.split(','))
       except ValueError:
-        raise ConfigError(f'--profile_steps {_PROFILE_STEPS.value}: expected FIRST,LAST') from None
+        raise errors.ConfigError(
+            f'--profile_steps {_PROFILE_STEPS.value}: expected FIRST,LAST') from None
     config = configs.override(config, overrides, 'flags')
     configs.validate(config)
   except ValueError as e:
-    raise ConfigError(str(e)) from None
+    raise errors.ConfigError(str(e)) from None
   return config
 
 
 def _read_hparams(path: str) -> dict:
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from tfrecords_builder import fileio  # pylint: disable=g-import-not-at-top
+  from camvid_common import fileio  # pylint: disable=g-import-not-at-top
   fileio.check_bucket(path, '--hparams_file')
   try:
     with tf.io.gfile.GFile(path) as f:
       values = json.load(f)
   except tf.errors.NotFoundError:
-    raise ConfigError(f'--hparams_file {path}: not found') from None
+    raise errors.ConfigError(f'--hparams_file {path}: not found') from None
   except json.JSONDecodeError as e:
-    raise ConfigError(f'--hparams_file {path}: not valid JSON ({e})') from None
+    raise errors.ConfigError(f'--hparams_file {path}: not valid JSON ({e})') from None
   if not isinstance(values, dict):
-    raise ConfigError(f'--hparams_file {path}: expected a JSON object of config overrides')
+    raise errors.ConfigError(f'--hparams_file {path}: expected a JSON object of config overrides')
   return values
 
 
@@ -108,8 +101,8 @@ def summary_only(config: configs.Config) -> None:
   elif _NUM_CLASSES.value:
     num_classes = _NUM_CLASSES.value
   else:
-    raise ConfigError('--summary_only: give --data_dir (classes from its manifest) or '
-                      '--num_classes')
+    raise errors.ConfigError('--summary_only: give --data_dir (classes from its manifest) or '
+                             '--num_classes')
   train.build_model(config, num_classes).summary()
 
 
@@ -147,9 +140,9 @@ def main(argv):
   vertex = distribution.vertex_ai_dirs()
   model_dir = _MODEL_DIR.value or vertex.get('model_dir')
   if not _DATA_DIR.value:
-    raise ConfigError('--data_dir is required (a tfrecords_builder output dir)')
+    raise errors.ConfigError('--data_dir is required (a tfrecords_builder output dir)')
   if not model_dir:
-    raise ConfigError('--model_dir is required (or set AIP_MODEL_DIR)')
+    raise errors.ConfigError('--model_dir is required (or set AIP_MODEL_DIR)')
   train.run(config, _DATA_DIR.value, model_dir, log=print,
             checkpoint_dir=vertex.get('checkpoint_dir'), log_dir=vertex.get('log_dir'))
   return 0
@@ -158,9 +151,9 @@ def main(argv):
 def run():
   """Console-script entry: one stderr line and a documented exit code for expected failures."""
   from trainer.train import Preempted  # pylint: disable=g-import-not-at-top
-  run_app(main, handlers=[(Preempted, EXIT_PREEMPTED,
-                           'preempted (rerun the same command to continue)')],
-          quiet_tensorflow=True)
+  errors.run_app(main, handlers=[(Preempted, errors.EXIT_PREEMPTED,
+                                  'preempted (rerun the same command to continue)')],
+                 quiet_tensorflow=True)
 
 
 if __name__ == '__main__':

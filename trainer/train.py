@@ -30,9 +30,10 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tfrecords_builder import fileio
+from camvid_common import fileio
+from camvid_common.errors import ConfigError
+from camvid_common.fileio import write_atomic
 from tfrecords_builder import manifest as manifest_lib
-from tfrecords_builder.fileio import write_atomic
 from trainer import averaging
 from trainer import calibration
 from trainer import configs
@@ -45,7 +46,6 @@ from trainer import losses
 from trainer import metrics as metrics_lib
 from trainer import model as model_lib
 from trainer import summaries as summaries_lib
-from trainer.errors import ConfigError
 
 CONFIG_NAME = 'config.json'
 METRICS_NAME = 'metrics.json'

@@ -16,8 +16,8 @@ import math
 
 import tensorflow as tf
 
-from tfrecords_builder.fileio import write_atomic
-from trainer.errors import ConfigError
+from camvid_common import errors
+from camvid_common import fileio
 from tuning import space
 
 BEST_NAME = 'best_hparams.json'
@@ -34,7 +34,7 @@ def _path(output_dir: str, name: str) -> str:
 
 
 def _write_json(path: str, value) -> None:
-  write_atomic(path, json.dumps(value, indent=2) + '\n')
+  fileio.write_atomic(path, json.dumps(value, indent=2) + '\n')
 
 
 def _objective(trial) -> float | None:
@@ -99,9 +99,9 @@ def check_and_record_settings(output_dir: str, settings: dict) -> None:
     changed = [f'--{key} {recorded.get(key)} -> {settings.get(key)}' for key in FIXED_SETTINGS
                if recorded.get(key) != settings.get(key)]
     if changed:
-      raise ConfigError(f'{path}: this search was started with other settings '
-                        f'({", ".join(changed)}); rerun with the same flags to resume it, or add '
-                        '--overwrite to start over')
+      raise errors.ConfigError(
+          f'{path}: this search was started with other settings ({", ".join(changed)}); rerun '
+          'with the same flags to resume it, or add --overwrite to start over')
   _write_json(path, settings)
 
 
@@ -115,5 +115,5 @@ def check_settings_if_recorded(output_dir: str, settings: dict) -> None:
   changed = [f'--{key} {settings.get(key)} (chief: {recorded.get(key)})'
              for key in FIXED_SETTINGS if recorded.get(key) != settings.get(key)]
   if changed:
-    raise ConfigError(f'this worker\'s flags differ from the chief\'s {path}: '
-                      f'{", ".join(changed)}')
+    raise errors.ConfigError(f'this worker\'s flags differ from the chief\'s {path}: '
+                             f'{", ".join(changed)}')

@@ -10,8 +10,8 @@ import math
 
 import keras_tuner
 
+from camvid_common import errors
 from trainer import configs
-from trainer.errors import ConfigError
 
 # The tuned Config fields, in the order they are reported. Nothing else is ever written to
 # best_hparams.json: the trainer rejects unknown keys, and the epoch budget is not a finding.
@@ -31,11 +31,11 @@ class Bounds:
   def validate(self) -> None:
     """Raises ConfigError naming the flag for a range the trainer or KerasTuner cannot use."""
     if not 0.0 <= self.dropout_min < self.dropout_max < 1.0:
-      raise ConfigError(f'--dropout_min {self.dropout_min:g} / --dropout_max '
-                        f'{self.dropout_max:g}: need 0 <= min < max < 1')
+      raise errors.ConfigError(f'--dropout_min {self.dropout_min:g} / --dropout_max '
+                               f'{self.dropout_max:g}: need 0 <= min < max < 1')
     if not (0.0 < self.lr_min < self.lr_max and math.isfinite(self.lr_max)):
-      raise ConfigError(f'--lr_min {self.lr_min:g} / --lr_max {self.lr_max:g}: need '
-                        '0 < min < max (the learning rate is searched on a log scale)')
+      raise errors.ConfigError(f'--lr_min {self.lr_min:g} / --lr_max {self.lr_max:g}: need '
+                               '0 < min < max (the learning rate is searched on a log scale)')
 
 
 def hyperparameters(bounds: Bounds) -> keras_tuner.HyperParameters:
@@ -63,7 +63,7 @@ def trial_config(base: configs.Config, values: dict, epochs: int) -> configs.Con
     config = configs.override(base, {**tuned_values(values), 'epochs': epochs}, 'trial')
     configs.validate(config)
   except ValueError as e:
-    raise ConfigError(str(e)) from None
+    raise errors.ConfigError(str(e)) from None
   return config
 
 

@@ -23,9 +23,8 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 from absl import flags  # pylint: disable=g-import-not-at-top
 
-from tfrecords_builder.errors import run_app
+from camvid_common import errors
 from trainer import configs
-from trainer.errors import ConfigError, EXIT_PREEMPTED
 from tuning import space
 
 _DATA_DIR = flags.DEFINE_string('data_dir', None, 'tfrecords_builder output dir (local or gs://).')
@@ -58,10 +57,10 @@ def _base_config(bounds: space.Bounds) -> tuple[configs.Config, int]:
     if _PATIENCE.value is not None:
       base = configs.override(base, {'early_stopping_patience': _PATIENCE.value}, 'flags')
   except ValueError as e:
-    raise ConfigError(str(e)) from None
+    raise errors.ConfigError(str(e)) from None
   epochs = _EPOCHS.value if _EPOCHS.value is not None else base.epochs
   if epochs < 1:
-    raise ConfigError(f'--epochs {epochs}: must be >= 1')
+    raise errors.ConfigError(f'--epochs {epochs}: must be >= 1')
   # Every corner of the space must be a config the trainer accepts, before any trial starts.
   for dropout in (bounds.dropout_min, bounds.dropout_max):
     for lr in (bounds.lr_min, bounds.lr_max):
@@ -106,27 +105,28 @@ def _search(tuner, process_role: str) -> None:
   except RuntimeError as e:
     if process_role != 'chief' or 'Failed to bind' not in str(e):
       raise
-    raise ConfigError(f'KERASTUNER_ORACLE_IP/PORT {address}: cannot listen there (port in use, '
-                      'or not an address of this host; a chief may use 0.0.0.0)') from None
+    raise errors.ConfigError(
+        f'KERASTUNER_ORACLE_IP/PORT {address}: cannot listen there (port in use, '
+        'or not an address of this host; a chief may use 0.0.0.0)') from None
 
 
 def main(argv):
   del argv  # run_app rejects positional arguments.
   if not _DATA_DIR.value:
-    raise ConfigError('--data_dir is required (a tfrecords_builder output dir)')
+    raise errors.ConfigError('--data_dir is required (a tfrecords_builder output dir)')
   if not _OUTPUT_DIR.value:
-    raise ConfigError('--output_dir is required')
+    raise errors.ConfigError('--output_dir is required')
   if _MAX_TRIALS.value < 1:
-    raise ConfigError(f'--max_trials {_MAX_TRIALS.value}: must be >= 1')
+    raise errors.ConfigError(f'--max_trials {_MAX_TRIALS.value}: must be >= 1')
   if _SEED.value < 1:
     # KerasTuner treats seed 0 as "no seed" and draws a random one.
-    raise ConfigError(f'--seed {_SEED.value}: must be >= 1')
+    raise errors.ConfigError(f'--seed {_SEED.value}: must be >= 1')
 
   from tuning import tuner as tuner_lib  # pylint: disable=g-import-not-at-top
   process_role = tuner_lib.role()
   bounds = _bounds()
   base, epochs = _base_config(bounds)
-  from tfrecords_builder import fileio  # pylint: disable=g-import-not-at-top
+  from camvid_common import fileio  # pylint: disable=g-import-not-at-top
   for flag in (_DATA_DIR, _OUTPUT_DIR):
     fileio.check_bucket(flag.value, f'--{flag.name}')
   _check_data(_DATA_DIR.value)
@@ -204,9 +204,9 @@ def main(argv):
 def run():
   """Console-script entry: one stderr line and a documented exit code for expected failures."""
   from trainer.train import Preempted  # pylint: disable=g-import-not-at-top
-  run_app(main, handlers=[(Preempted, EXIT_PREEMPTED,
-                           'preempted (rerun the same command to continue)')],
-          quiet_tensorflow=True)
+  errors.run_app(main, handlers=[(Preempted, errors.EXIT_PREEMPTED,
+                                  'preempted (rerun the same command to continue)')],
+                 quiet_tensorflow=True)
 
 
 if __name__ == '__main__':

@@ -29,12 +29,11 @@ from keras_tuner.engine import base_tuner
 from keras_tuner.engine import trial as trial_lib
 import tensorflow as tf
 
-from tfrecords_builder.errors import InputError
+from camvid_common import errors
 from trainer import configs
 from trainer import data
 from trainer import distribution
 from trainer import train
-from trainer.errors import ConfigError
 from tuning import board
 from tuning import results
 from tuning import space
@@ -66,19 +65,19 @@ def role(env=os.environ) -> str:
     return 'single'
   missing = [name for name in ENV_VARS if not env.get(name)]
   if missing:
-    raise ConfigError(f'{", ".join(missing)}: not set (or empty); distributed tuning needs '
-                      f'all of {", ".join(ENV_VARS)} (see README, "Tuning")')
+    raise errors.ConfigError(f'{", ".join(missing)}: not set (or empty); distributed tuning needs '
+                             f'all of {", ".join(ENV_VARS)} (see README, "Tuning")')
   if not env['KERASTUNER_ORACLE_PORT'].isdigit():
-    raise ConfigError(f'KERASTUNER_ORACLE_PORT={env["KERASTUNER_ORACLE_PORT"]}: not a port '
-                      'number')
+    raise errors.ConfigError(f'KERASTUNER_ORACLE_PORT={env["KERASTUNER_ORACLE_PORT"]}: not a port '
+                             'number')
   return 'chief' if 'chief' in env['KERASTUNER_TUNER_ID'] else 'worker'
 
 
 def strategy_kind(configured: str, num_gpus: int, num_cpus: int) -> str:
   """auto: MirroredStrategy over several GPUs (or several logical CPUs without a GPU)."""
   if configured == 'multi_worker':
-    raise ConfigError('strategy multi_worker (set by the preset) cannot run inside a tuning '
-                      'trial; scale out with KerasTuner\'s chief and workers instead')
+    raise errors.ConfigError('strategy multi_worker (set by the preset) cannot run inside a tuning '
+                             'trial; scale out with KerasTuner\'s chief and workers instead')
   if configured != 'auto':
     return configured
   several = num_gpus > 1 or (num_gpus == 0 and num_cpus > 1)
@@ -93,9 +92,10 @@ def create_runtime(base: configs.Config):
   """
   spec = distribution.tf_config_from_env()
   if spec is not None and sum(len(hosts) for hosts in spec['cluster'].values()) > 1:
-    raise ConfigError('TF_CONFIG (or an Indexed Job\'s CAMVID_NUM_WORKERS) describes a '
-                      'multi-worker cluster: tuning trials run on one machine each; scale out '
-                      'with KERASTUNER_TUNER_ID/KERASTUNER_ORACLE_IP/KERASTUNER_ORACLE_PORT')
+    raise errors.ConfigError(
+        'TF_CONFIG (or an Indexed Job\'s CAMVID_NUM_WORKERS) describes a multi-worker cluster: '
+        'tuning trials run on one machine each; scale out with '
+        'KERASTUNER_TUNER_ID/KERASTUNER_ORACLE_IP/KERASTUNER_ORACLE_PORT')
   kind = strategy_kind(base.strategy, len(tf.config.list_logical_devices('GPU')),
                        len(tf.config.list_logical_devices('CPU')))
   runtime = distribution.create_runtime(kind, base.mixed_precision, base.peer_timeout_seconds)
@@ -104,7 +104,7 @@ def create_runtime(base: configs.Config):
     data.check_batch(base.eval_batch_size or base.batch_size, runtime.num_replicas,
                      'eval_batch_size')
   except ValueError as e:
-    raise ConfigError(f'the preset\'s {e}') from None
+    raise errors.ConfigError(f'the preset\'s {e}') from None
   return runtime
 
 
@@ -134,14 +134,14 @@ def make_oracle(kind: str, bounds: space.Bounds, max_trials: int, epochs: int, s
     oracle_class = keras_tuner.oracles.RandomSearchOracle
     kwargs = {'max_trials': max_trials}
   else:
-    raise ConfigError(f'--tuner {kind}: unknown (known: {", ".join(TUNERS)})')
+    raise errors.ConfigError(f'--tuner {kind}: unknown (known: {", ".join(TUNERS)})')
   if output_dir is not None:
     oracle_class = _recording(oracle_class, output_dir, epochs)
   try:
     oracle = oracle_class(**kwargs, **common)
   except ImportError:
-    raise ConfigError(f'--tuner {kind} needs scikit-learn and scipy: pip install '
-                      '"keras-tuner[bayesian]"') from None
+    raise errors.ConfigError(f'--tuner {kind} needs scikit-learn and scipy: pip install '
+                             '"keras-tuner[bayesian]"') from None
   # HyperbandOracle takes no max_trials argument, but the base Oracle honours the attribute
   # (create_trial stops the search once that many trials exist).
   oracle.max_trials = max_trials
@@ -212,7 +212,7 @@ class SegmentationTuner(base_tuner.BaseTuner):
         results.check_settings_if_recorded(self._output_dir, self._settings)
         self._settings_checked = True
       config = space.trial_config(self._base_config, values, epochs)
-    except InputError as e:
+    except errors.InputError as e:
       raise SearchAborted(e) from e
     tuned = space.tuned_values(values)
     board.write_trial_start(self._output_dir, trial_id, {**tuned, 'epochs': epochs})
@@ -227,7 +227,7 @@ class SegmentationTuner(base_tuner.BaseTuner):
       result = train.run(config, self._data_dir, self.get_trial_dir(trial_id),
                          runtime=self._runtime, log=log,
                          log_dir=board.session_dir(self._output_dir, trial_id), export=False)
-    except (InputError, train.Preempted) as e:
+    except (errors.InputError, train.Preempted) as e:
       raise SearchAborted(e) from e
     finally:
       # The trial's model, optimizer and tf.functions are garbage now; free them before the next.

@@ -10,7 +10,7 @@ import uuid
 
 import tensorflow as tf
 
-from tfrecords_builder.errors import InputError
+from camvid_common import errors
 
 TMP_MARKER = '.tmp-'
 GCS_PREFIX = 'gs://'
@@ -50,7 +50,7 @@ def check_bucket(path: str | None, flag: str) -> None:
   Vertex AI; no key file.
 
   Raises:
-    InputError: the bucket does not exist, or this account may not use it.
+    errors.InputError: the bucket does not exist, or this account may not use it.
   """
   if not path or not path.startswith(GCS_PREFIX):
     return
@@ -59,12 +59,12 @@ def check_bucket(path: str | None, flag: str) -> None:
     tf.io.gfile.stat(bucket)  # The bucket's metadata (storage.buckets.get).
     return
   except tf.errors.NotFoundError:
-    raise InputError(f'{flag} {path}: bucket {bucket} does not exist') from None
+    raise errors.InputError(f'{flag} {path}: bucket {bucket} does not exist') from None
   except tf.errors.PermissionDeniedError:
     pass  # An account with object access only may still read and write: try the path itself.
   try:
     tf.io.gfile.exists(path)
   except tf.errors.PermissionDeniedError:
-    raise InputError(f'{flag} {path}: permission denied on bucket {bucket} for this account '
-                     '(Application Default Credentials); it needs storage.buckets.get and '
-                     'object read/write there') from None
+    raise errors.InputError(
+        f'{flag} {path}: permission denied on bucket {bucket} for this account (Application '
+        'Default Credentials); it needs storage.buckets.get and object read/write there') from None
