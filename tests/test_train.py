@@ -9,7 +9,7 @@ import tensorflow as tf
 
 from trainer import averaging, configs, losses, train
 from trainer import model as model_lib
-from trainer.errors import ConfigError
+from camvid_common.errors import ConfigError
 
 NUM_CLASSES = 4
 NAMES = [f'class{i}' for i in range(NUM_CLASSES)]
