@@ -3,21 +3,31 @@
     python benchmarks/bench_step_cost.py [--config small] [--steps 15] [--rounds 3]
         [--hparams '{"aux_loss_weight": 0.0, "ema_momentum": 0.0}']
 
-Builds the config's training U-Net, optimizer and weight average as the trainer does
-(trainer.train.build_trainables: crops, width, deep-supervision heads, the fused BatchNorm of
-one replica) twice, as the preset and with `--hparams` (JSON, the trainer's --hparams_file
-fields, e.g. aux_loss_weight for deep supervision, ema_momentum, crop_size), and times
-the train loop of trainer.train.make_steps (forward, class-weighted losses, backward, AdamW
-update, weight average, confusion matrix) one step per call on an in-memory batch of the
-config's crops. The two alternate for an untimed round, then `--rounds` rounds of `--steps`
-steps, each prints its median (bench_batchnorm.py's comparison). Last line: RESULT
-step_cost=<float>, the changed step's median time over the preset's.
+Builds the config's training U-Net, optimizer and weight average exactly as the trainer does
+(trainer.train.build_trainables: crops, width, stem, deep-supervision heads, the fused BatchNorm
+of one replica) twice, as the preset and with `--hparams` (a JSON object of config overrides,
+as --hparams_file takes), and times the trainer's train loop (trainer.train.make_steps: forward,
+class-weighted losses, backward, optimizer update, weight average, confusion matrix) one step
+per call on an in-memory batch of the config's crops, so the input pipeline is not timed
+(bench_pipeline.py times that). The two alternate for an untimed round, then `--rounds` rounds
+of `--steps` steps, so a VM's drifting speed hits both alike; each prints its median.
+Examples: the default times `small`'s deep supervision and weight average together;
+'{"stem_stride": 1}' times the stride-2 stem. Last line: RESULT step_cost=<float>, the changed
+step's median time over the preset's.
 """
 
 import json
 import os
+import pathlib
+import statistics
+import sys
+import time
 
-import bench_batchnorm  # Same directory; sets TensorFlow's CPU options through `trainer`.
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+# pylint: disable=g-import-not-at-top
+import trainer  # pylint: disable=unused-import  # First: sets TensorFlow's CPU options.
 import keras
 import numpy as np
 import tensorflow as tf
@@ -26,15 +36,24 @@ from camvid_common import errors
 from trainer import configs
 from trainer import train
 
+NUM_CLASSES = 11
+
+
+def random_batch(config) -> tuple[tf.Tensor, tf.Tensor]:
+  """In-memory images and masks of the config's training crop and batch size."""
+  crop = config.crop_size or config.image_size
+  rng = np.random.default_rng(0)
+  return (tf.constant(rng.random((config.batch_size, *crop, 3), np.float32)),
+          tf.constant(rng.integers(0, NUM_CLASSES, (config.batch_size, *crop)), tf.int32))
+
 
 def make_step(config, batch):
-  """One compiled step of the trainer's loop for `config` on `batch`, repeated."""
+  """One compiled step of the trainer's loop for `config` on `batch`, warmed up."""
   keras.utils.set_random_seed(0)
-  num_classes = bench_batchnorm.NUM_CLASSES
   model, train_model, optimizer, average = train.build_trainables(
-      config, num_classes, total_steps=1000, steps_per_epoch=100)
-  class_weights = np.linspace(1.0, 10.0, num_classes).astype(np.float32)
-  spec = train.inference_spec(config, [f'class{i}' for i in range(num_classes)], class_weights)
+      config, NUM_CLASSES, total_steps=1000, steps_per_epoch=100)
+  class_weights = np.linspace(1.0, 10.0, NUM_CLASSES).astype(np.float32)
+  spec = train.inference_spec(config, [f'class{i}' for i in range(NUM_CLASSES)], class_weights)
   steps = train.make_steps(model, optimizer, tf.distribute.get_strategy(), config, spec,
                            train_model=train_model, average=average)
   images, masks = batch
@@ -49,27 +68,58 @@ def make_step(config, batch):
   return step
 
 
+def seconds_per_step(step, steps: int) -> float:
+  start = time.perf_counter()
+  for _ in range(steps):
+    loss = step()
+  float(loss)  # Waits for the last step.
+  return (time.perf_counter() - start) / steps
+
+
+def compare(steps: dict, labels: dict, batch_size: int, rounds: int, num_steps: int) -> dict:
+  """Alternates the steps for an untimed round, then `rounds` timed ones; prints medians."""
+  times = {name: [] for name in steps}
+  for round_index in range(rounds + 1):
+    for name, step in steps.items():
+      seconds = seconds_per_step(step, num_steps)
+      if round_index:  # Round 0 only warms up: the process's first steps run slow.
+        times[name].append(seconds)
+  medians = {}
+  for name in steps:
+    medians[name] = median = statistics.median(times[name])
+    print(f'{labels[name]:40s} {1e3 * median:7.1f} ms/step, {batch_size / median:6.2f} '
+          f'images/s (rounds: {", ".join(f"{1e3 * t:.1f}" for t in times[name])} ms)',
+          flush=True)
+  return medians
+
+
 def main():
   parser = errors.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--config', default='small', choices=sorted(configs.PRESETS))
   parser.add_argument('--steps', type=int, default=15)
   parser.add_argument('--rounds', type=int, default=3)
-  # The default times what `small`'s deep supervision and weight average cost (it has both);
-  # a change the preset already holds would time the preset against itself.
+  # A change the preset already holds would time the preset against itself.
   parser.add_argument('--hparams', default='{"aux_loss_weight": 0.0, "ema_momentum": 0.0}',
-                      help='JSON object of config fields to change')
+                      help='JSON object of config overrides')
   args = parser.parse_args()
   base = configs.get_config(args.config)
-  changed = base.replace(**json.loads(args.hparams))
-  configs.validate(changed)
-  batch = bench_batchnorm.random_batch(base)
+  try:
+    overrides = json.loads(args.hparams)
+  except json.JSONDecodeError as e:
+    raise errors.InputError(f'--hparams: not valid JSON ({e})') from None
+  try:
+    changed = configs.override(base, overrides, '--hparams')
+    configs.validate(changed)
+  except ValueError as e:
+    raise errors.InputError(str(e)) from None
+  batch = random_batch(base)
   crop = batch[1].shape[1:]
   print(f'machine: {os.cpu_count()} cores; config {args.config}: {crop[0]}x{crop[1]} crops, '
-        f'batch {base.batch_size}; changed: {args.hparams}; '
-        f'{args.rounds} alternating rounds of {args.steps} steps')
+        f'batch {base.batch_size}, oneDNN {os.environ["TF_ENABLE_ONEDNN_OPTS"]}; changed: '
+        f'{args.hparams}; {args.rounds} alternating rounds of {args.steps} steps')
   steps = {'base': make_step(base, batch), 'changed': make_step(changed, batch)}
-  medians = bench_batchnorm.compare(
-      steps, {'base': f'trainer step, {args.config}', 'changed': 'with the change'}, base, args)
+  medians = compare(steps, {'base': f'trainer step, {args.config}', 'changed': 'with the change'},
+                    base.batch_size, args.rounds, args.steps)
   print(f'RESULT step_cost={medians["changed"] / medians["base"]:.3f}')
 
 

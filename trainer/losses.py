@@ -62,7 +62,7 @@ def pixel_loss_sum(labels,
 
   # -log p(label) by a gather from the log-softmax rather than TensorFlow's fused sparse
   # cross-entropy kernel: about 1.5x faster forward and backward at small's 4x192x192x11 on a
-  # CPU (benchmarks/bench_losses.py).
+  # CPU (docs/experiments.md, "Retired benchmarks").
   ce = -tf.reshape(
       tf.gather(tf.reshape(log_probs, [-1, num_classes]), tf.reshape(safe_labels, [-1, 1]),
                 batch_dims=1), tf.shape(labels))

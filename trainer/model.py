@@ -12,7 +12,7 @@ conv-BN-ReLU blocks) and a 3x3 convolution producing per-pixel class logits.
 `stem_stride=2` puts a strided conv-BN-ReLU in front of that U-Net and bilinearly upsamples its
 logits back to the input size. On a CPU the full-resolution level (few channels over many
 pixels) is memory-bound and costs about two thirds of a training step; the stem removes it, so
-the same filters and parameters train ~3x faster per image (benchmarks/bench_stem.py), or see a
+the same filters and parameters train ~3x faster per image (docs/experiments.md), or see a
 larger input at the cost of the old one.
 """
 
