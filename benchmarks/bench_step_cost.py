@@ -4,9 +4,9 @@
         [--hparams '{"aux_loss_weight": 0.0, "ema_momentum": 0.0}']
 
 Builds the config's training U-Net, optimizer and weight average exactly as the trainer does
-(trainer.train.build_trainables: crops, width, stem, deep-supervision heads, the fused BatchNorm
+(trainer.segmentation.build_trainables: crops, width, stem, deep-supervision heads, the fused BatchNorm
 of one replica) twice, as the preset and with `--hparams` (a JSON object of config overrides,
-as --hparams_file takes), and times the trainer's train loop (trainer.train.make_steps: forward,
+as --hparams_file takes), and times the trainer's train loop (trainer.segmentation.make_steps: forward,
 class-weighted losses, backward, optimizer update, weight average, confusion matrix) one step
 per call on an in-memory batch of the config's crops, so the input pipeline is not timed
 (bench_pipeline.py times that). The two alternate for an untimed round, then `--rounds` rounds
@@ -34,7 +34,7 @@ import tensorflow as tf
 
 from camvid_common import errors
 from trainer import configs
-from trainer import train
+from trainer import segmentation
 
 NUM_CLASSES = 11
 
@@ -50,11 +50,11 @@ def random_batch(config) -> tuple[tf.Tensor, tf.Tensor]:
 def make_step(config, batch):
   """One compiled step of the trainer's loop for `config` on `batch`, warmed up."""
   keras.utils.set_random_seed(0)
-  model, train_model, optimizer, average = train.build_trainables(
+  model, train_model, optimizer, average = segmentation.build_trainables(
       config, NUM_CLASSES, total_steps=1000, steps_per_epoch=100)
   class_weights = np.linspace(1.0, 10.0, NUM_CLASSES).astype(np.float32)
-  spec = train.inference_spec(config, [f'class{i}' for i in range(NUM_CLASSES)], class_weights)
-  steps = train.make_steps(model, optimizer, tf.distribute.get_strategy(), config, spec,
+  spec = segmentation.inference_spec(config, [f'class{i}' for i in range(NUM_CLASSES)], class_weights)
+  steps = segmentation.make_steps(model, optimizer, tf.distribute.get_strategy(), config, spec,
                            train_model=train_model, average=average)
   images, masks = batch
   iterator = iter(tf.data.Dataset.from_tensors({'image': images, 'mask': masks}).repeat())

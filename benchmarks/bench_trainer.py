@@ -36,6 +36,7 @@ from tfrecords_builder import manifest as manifest_lib
 from tfrecords_builder import synthetic
 from tfrecords_builder import writer
 from trainer import configs
+from trainer import segmentation
 from trainer import train
 
 
@@ -54,7 +55,7 @@ def trainer_rate(config, data_dir: str, model_dir: str) -> float:
 
 
 def bare_fit_rate(config, num_classes: int, steps: int) -> tuple[float, keras.Model]:
-  model = train.build_model(config, num_classes, training=True)
+  model = segmentation.build_model(config, num_classes, training=True)
   model.compile(optimizer=keras.optimizers.AdamW(config.learning_rate),
                 loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
   rng = np.random.default_rng(0)

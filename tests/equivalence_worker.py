@@ -20,7 +20,7 @@ import keras  # pylint: disable=g-import-not-at-top
 import numpy as np
 import tensorflow as tf
 
-from trainer import configs, distribution, train
+from trainer import configs, distribution, segmentation
 from trainer import model as model_lib
 
 NUM_CLASSES = 4
@@ -49,12 +49,12 @@ def main():
   with strategy.scope():
     # The training model: fused batch norm on one replica, synchronised Keras BN on two; the
     # two must agree.
-    model = train.build_model(config, NUM_CLASSES, training=True)
-    optimizer = train.make_optimizer(config, args.steps, args.steps)
+    model = segmentation.build_model(config, NUM_CLASSES, training=True)
+    optimizer = segmentation.make_optimizer(config, args.steps, args.steps)
     optimizer.build(model.trainable_variables)
-  spec = train.inference_spec(config, [f'class{i}' for i in range(NUM_CLASSES)],
+  spec = segmentation.inference_spec(config, [f'class{i}' for i in range(NUM_CLASSES)],
                               class_weights=[1.0, 2.0, 0.5, 1.5])
-  steps = train.make_steps(model, optimizer, strategy, config, spec)
+  steps = segmentation.make_steps(model, optimizer, strategy, config, spec)
 
   def dataset_fn(ctx):
     per_replica = ctx.get_per_replica_batch_size(args.batch)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from trainer import averaging, configs, losses, train
+from trainer import averaging, configs, losses, segmentation, train
 from trainer import model as model_lib
 from camvid_common.errors import ConfigError
 
@@ -20,14 +20,14 @@ def test_evaluation_scores_the_logit_adjusted_argmax(strength):
   """Val metrics count argmax(logits - strength * log(w)), the prediction the export serves."""
   config = configs.get_config('smoke').replace(image_size=(16, 16), logit_adjustment=strength)
   tf.keras.utils.set_random_seed(1)
-  model = train.build_model(config, NUM_CLASSES)
+  model = segmentation.build_model(config, NUM_CLASSES)
   rng = np.random.default_rng(0)
   batch = {'image': rng.random((2, 16, 16, 3), dtype=np.float32),
            'mask': rng.integers(0, NUM_CLASSES, (2, 16, 16)).astype(np.int32),
            'valid': np.ones([2], bool)}
   weights = np.array([8.0, 1.0, 0.5, 2.0], np.float32)
-  steps = train.make_steps(model, None, tf.distribute.get_strategy(), config,
-                           train.inference_spec(config, NAMES, weights))
+  steps = segmentation.make_steps(model, None, tf.distribute.get_strategy(), config,
+                           segmentation.inference_spec(config, NAMES, weights))
   _, _, cm, count = steps.evaluate(iter(tf.data.Dataset.from_tensors(batch)), tf.constant(1))
   assert int(count) == 2
 
@@ -49,8 +49,8 @@ def test_training_model_fuses_batchnorm_on_one_replica(tmp_path):
   """
   config = configs.get_config('smoke').replace(sync_batchnorm=True, stem_stride=2)
   tf.keras.utils.set_random_seed(1)
-  training = train.build_model(config, NUM_CLASSES, training=True)
-  plain = train.build_model(config, NUM_CLASSES)
+  training = segmentation.build_model(config, NUM_CLASSES, training=True)
+  plain = segmentation.build_model(config, NUM_CLASSES)
   assert isinstance(training.get_layer('stem_bn1'), model_lib.FusedBatchNormalization)
   assert plain.get_layer('stem_conv1').filters == config.base_filters
   fused = [l for l in training.layers if isinstance(l, model_lib.FusedBatchNormalization)]
@@ -99,15 +99,15 @@ def test_ema_run_validates_and_keeps_the_averaged_weights(smoke_data, tmp_path):
                                                aux_loss_weight=0.4)
   result = train.run(config, str(smoke_data), str(tmp_path), export=False, log=lambda *_: None)
   num_classes = manifest_lib.read(str(smoke_data)).num_classes
-  model = train.build_model(config, num_classes, training=True)
+  model = segmentation.build_model(config, num_classes, training=True)
   train_model = model_lib.with_auxiliary_heads(model, num_classes, config.depth)
-  optimizer = train.make_optimizer(config, total_steps=12, steps_per_epoch=6)
+  optimizer = segmentation.make_optimizer(config, total_steps=12, steps_per_epoch=6)
   optimizer.build(train_model.trainable_variables)
   average = averaging.WeightAverage(model, config.ema_momentum)
   tf.train.Checkpoint(model=model, optimizer=optimizer, train_model=train_model,
                       weight_average=average.variables).read(
       tf.train.latest_checkpoint(str(tmp_path / 'checkpoints'))).assert_existing_objects_matched()
-  best = train.build_model(config, num_classes)
+  best = segmentation.build_model(config, num_classes)
   tf.train.Checkpoint(model=best).read(result['checkpoint']).assert_existing_objects_matched()
   assert not any('aux' in layer.name for layer in best.layers)
   for a, b in zip(average.variables, best.weights):  # BatchNorm statistics included.
@@ -124,10 +124,10 @@ def test_deep_supervision_adds_the_weighted_head_losses():
   config = configs.get_config('smoke').replace(image_size=(16, 16), aux_loss_weight=0.4,
                                                depth=3, warmup_epochs=0.0)
   tf.keras.utils.set_random_seed(2)
-  model = train.build_model(config, NUM_CLASSES, training=True)
+  model = segmentation.build_model(config, NUM_CLASSES, training=True)
   train_model = model_lib.with_auxiliary_heads(model, NUM_CLASSES, config.depth)
   assert [o.shape[1] for o in train_model.outputs] == [16, 4, 8]  # Main, dec1, dec2.
-  optimizer = train.make_optimizer(config, total_steps=10, steps_per_epoch=5)
+  optimizer = segmentation.make_optimizer(config, total_steps=10, steps_per_epoch=5)
   optimizer.build(train_model.trainable_variables)
   rng = np.random.default_rng(0)
   batch = {'image': rng.random((2, 16, 16, 3), dtype=np.float32),
@@ -145,8 +145,8 @@ def test_deep_supervision_adds_the_weighted_head_losses():
   main, *heads = train_model(batch['image'], training=True)
   expected = cross_entropy(main) + 0.4 * np.mean([cross_entropy(h) for h in heads])
   head = train_model.get_layer('aux1_logits').kernel.numpy()
-  steps = train.make_steps(model, optimizer, tf.distribute.get_strategy(), config,
-                           train.inference_spec(config, NAMES), train_model=train_model)
+  steps = segmentation.make_steps(model, optimizer, tf.distribute.get_strategy(), config,
+                           segmentation.inference_spec(config, NAMES), train_model=train_model)
   loss_sum, weight_sum, _ = steps.train(iter(tf.data.Dataset.from_tensors(batch).repeat()),
                                         tf.constant(1))
   np.testing.assert_allclose(float(loss_sum / weight_sum), expected, rtol=1e-4)
@@ -166,11 +166,11 @@ def test_jit_compiled_step_trains_like_the_plain_one():
     config = configs.get_config('smoke').replace(image_size=(16, 16), aux_loss_weight=0.4,
                                                  depth=2, warmup_epochs=0.0, jit_compile=jit)
     tf.keras.utils.set_random_seed(5)
-    model, train_model, optimizer, average = train.build_trainables(
+    model, train_model, optimizer, average = segmentation.build_trainables(
         config, NUM_CLASSES, total_steps=10, steps_per_epoch=5)
     assert train_model is not None and average is None  # aux_loss_weight on, ema_momentum off.
-    steps = train.make_steps(model, optimizer, tf.distribute.get_strategy(), config,
-                             train.inference_spec(config, NAMES), train_model=train_model)
+    steps = segmentation.make_steps(model, optimizer, tf.distribute.get_strategy(), config,
+                             segmentation.inference_spec(config, NAMES), train_model=train_model)
     iterator = iter(tf.data.Dataset.from_tensors(batch).repeat())
     first = steps.train(iterator, tf.constant(1))
     second = steps.train(iterator, tf.constant(1))  # After one update: the update ran too.

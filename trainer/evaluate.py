@@ -82,7 +82,7 @@ def evaluate_model_dir(model_dir: str, data_dir: str, split: str,
   """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from tfrecords_builder import manifest as manifest_lib  # pylint: disable=g-import-not-at-top
-  from trainer import calibration, distribution, losses, train  # pylint: disable=g-import-not-at-top
+  from trainer import calibration, distribution, losses, posttrain, train  # pylint: disable=g-import-not-at-top
   model_dir = model_dir.rstrip('/')
   config = train.load_config(model_dir)
   spec = read_spec(model_dir)
@@ -113,13 +113,13 @@ def evaluate_model_dir(model_dir: str, data_dir: str, split: str,
   kind = 'mirrored' if len(tf.config.list_physical_devices('GPU')) > 1 else 'default'
   runtime = distribution.create_runtime(kind, config.mixed_precision)
   with runtime.strategy.scope():
-    model = train.restore_model(config, spec, checkpoint)
+    model = posttrain.restore_model(config, spec, checkpoint)
   if calibration_split:
     start = spec.replace(bias=_tuple(adjusted(config.logit_adjustment)))
     record = calibration.calibrate(model, manifest, calibration_split, config, start)
     spec = spec.replace(bias=tuple(record['bias']))
     used = {'source': f'fitted on {calibration_split}', 'bias': record['bias']}
-  result = train.evaluate_model(model, config, spec, manifest, split, runtime)
+  result = posttrain.evaluate_model(model, config, spec, manifest, split, runtime)
   result['checkpoint'] = checkpoint
   result['logit_adjustment'] = (config.logit_adjustment if logit_adjustment is None
                                 else logit_adjustment)

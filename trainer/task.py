@@ -95,7 +95,7 @@ def _read_hparams(path: str) -> dict:
 
 def summary_only(config: configs.Config) -> None:
   from tfrecords_builder import manifest as manifest_lib  # pylint: disable=g-import-not-at-top
-  from trainer import train  # pylint: disable=g-import-not-at-top
+  from trainer import segmentation  # pylint: disable=g-import-not-at-top
   if _DATA_DIR.value:
     num_classes = manifest_lib.read(_DATA_DIR.value).num_classes
   elif _NUM_CLASSES.value:
@@ -103,7 +103,7 @@ def summary_only(config: configs.Config) -> None:
   else:
     raise errors.ConfigError('--summary_only: give --data_dir (classes from its manifest) or '
                              '--num_classes')
-  train.build_model(config, num_classes).summary()
+  segmentation.build_model(config, num_classes).summary()
 
 
 def run_demo() -> None:
@@ -150,7 +150,7 @@ def main(argv):
 
 def run():
   """Console-script entry: one stderr line and a documented exit code for expected failures."""
-  from trainer.train import Preempted  # pylint: disable=g-import-not-at-top
+  from trainer.loop import Preempted  # pylint: disable=g-import-not-at-top
   errors.run_app(main, handlers=[(Preempted, errors.EXIT_PREEMPTED,
                                   'preempted (rerun the same command to continue)')],
                  quiet_tensorflow=True)

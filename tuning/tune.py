@@ -203,7 +203,7 @@ def main(argv):
 
 def run():
   """Console-script entry: one stderr line and a documented exit code for expected failures."""
-  from trainer.train import Preempted  # pylint: disable=g-import-not-at-top
+  from trainer.loop import Preempted  # pylint: disable=g-import-not-at-top
   errors.run_app(main, handlers=[(Preempted, errors.EXIT_PREEMPTED,
                                   'preempted (rerun the same command to continue)')],
                  quiet_tensorflow=True)

@@ -33,6 +33,7 @@ from camvid_common import errors
 from trainer import configs
 from trainer import data
 from trainer import distribution
+from trainer import loop
 from trainer import train
 from tuning import board
 from tuning import results
@@ -227,7 +228,7 @@ class SegmentationTuner(base_tuner.BaseTuner):
       result = train.run(config, self._data_dir, self.get_trial_dir(trial_id),
                          runtime=self._runtime, log=log,
                          log_dir=board.session_dir(self._output_dir, trial_id), export=False)
-    except (errors.InputError, train.Preempted) as e:
+    except (errors.InputError, loop.Preempted) as e:
       raise SearchAborted(e) from e
     finally:
       # The trial's model, optimizer and tf.functions are garbage now; free them before the next.
