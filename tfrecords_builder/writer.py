@@ -329,6 +329,53 @@ def _split_entry(table: classes.ClassTable, shard_stats: list[dict]) -> dict:
   }
 
 
+def _shard_counts(dataset, num_shards) -> dict[str, int]:
+  """Shards per split: --num_shards (one number or per split), else default_num_shards."""
+  counts = {}
+  for split, pairs in dataset.splits.items():
+    wanted = num_shards.get(split) if isinstance(num_shards, dict) else num_shards
+    if wanted is not None and wanted < 1:
+      raise errors.InputError(f'--num_shards {wanted}: must be at least 1')
+    counts[split] = min(len(pairs), wanted or default_num_shards(len(pairs)))
+  return counts
+
+
+def _write_todo(todo, num_workers: int, output_dir: str, stats: dict, log) -> int:
+  """Writes the missing shards, recording each one's stats; returns the examples written."""
+  start, written, total = time.perf_counter(), 0, sum(len(t.pairs) for t in todo)
+  try:
+    for result in write_shards(todo, num_workers):
+      stats[result['name']] = result
+      written += result['num_examples']
+      elapsed = time.perf_counter() - start
+      log(f'  {result["name"]}: {result["num_examples"]} examples, '
+          f'{result["num_examples"] / max(result["seconds"], 1e-9):.1f} ex/s '
+          f'[{written}/{total} examples, {written / max(elapsed, 1e-9):.1f} ex/s overall]')
+  except BaseException:
+    # A shard interrupted by an error (a bad input, a stopped build) leaves its temporary.
+    _remove_temps(output_dir)
+    raise
+  return written
+
+
+def _manifest(dataset, options, fingerprint: str, tasks, stats: dict) -> dict:
+  return {
+      'format_version': manifest_lib.FORMAT_VERSION,
+      'layout': dataset.layout,
+      'num_classes': dataset.table.num_classes,
+      'classes': dataset.table.to_json(),
+      'void': dataset.table.void_json(),
+      'ignore_label': features.IGNORE_LABEL,
+      'features': manifest_lib.feature_keys(),
+      'resize': list(options.resize) if options.resize else None,
+      'unknown_color': options.unknown_color,
+      'fingerprint': fingerprint,
+      'splits': {split: _split_entry(dataset.table,
+                                     [stats[t.name] for t in tasks if t.split == split])
+                 for split in dataset.splits},
+  }
+
+
 def build(input_dir: str, output_dir: str, *, layout: str | None = None,
           num_shards: int | dict[str, int] | None = None, num_workers: int | None = None,
           options: Options = Options(), overwrite: bool = False,
@@ -345,12 +392,7 @@ def build(input_dir: str, output_dir: str, *, layout: str | None = None,
   fileio.check_bucket(input_dir, '--input_dir')
   fileio.check_bucket(output_dir, '--output_dir')
   dataset = layouts.discover(input_dir, layout)
-  shard_counts = {}
-  for split, pairs in dataset.splits.items():
-    wanted = num_shards.get(split) if isinstance(num_shards, dict) else num_shards
-    if wanted is not None and wanted < 1:
-      raise errors.InputError(f'--num_shards {wanted}: must be at least 1')
-    shard_counts[split] = min(len(pairs), wanted or default_num_shards(len(pairs)))
+  shard_counts = _shard_counts(dataset, num_shards)
   fingerprint = plan_fingerprint(dataset, input_dir, shard_counts, options)
   done = _prepare_output_dir(output_dir, fingerprint, overwrite, log)
   if done is not None:
@@ -378,35 +420,10 @@ def build(input_dir: str, output_dir: str, *, layout: str | None = None,
       + (f'; reusing {len(stats)} complete shards' if stats else '')
       + f'; {num_workers} worker(s)')
 
-  start, written = time.perf_counter(), 0
-  try:
-    for result in write_shards(todo, num_workers):
-      stats[result['name']] = result
-      written += result['num_examples']
-      elapsed = time.perf_counter() - start
-      log(f'  {result["name"]}: {result["num_examples"]} examples, '
-          f'{result["num_examples"] / max(result["seconds"], 1e-9):.1f} ex/s '
-          f'[{written}/{total} examples, {written / max(elapsed, 1e-9):.1f} ex/s overall]')
-  except BaseException:
-    # A shard interrupted by an error (a bad input, a stopped build) leaves its temporary.
-    _remove_temps(output_dir)
-    raise
+  start = time.perf_counter()
+  written = _write_todo(todo, num_workers, output_dir, stats, log)
 
-  manifest = {
-      'format_version': manifest_lib.FORMAT_VERSION,
-      'layout': dataset.layout,
-      'num_classes': dataset.table.num_classes,
-      'classes': dataset.table.to_json(),
-      'void': dataset.table.void_json(),
-      'ignore_label': features.IGNORE_LABEL,
-      'features': manifest_lib.feature_keys(),
-      'resize': list(options.resize) if options.resize else None,
-      'unknown_color': options.unknown_color,
-      'fingerprint': fingerprint,
-      'splits': {split: _split_entry(dataset.table,
-                                     [stats[t.name] for t in tasks if t.split == split])
-                 for split in dataset.splits},
-  }
+  manifest = _manifest(dataset, options, fingerprint, tasks, stats)
   manifest_lib.write(output_dir, manifest)
   _remove(join(output_dir, BUILD_DIR))  # The manifest now carries everything it held.
   elapsed = time.perf_counter() - start

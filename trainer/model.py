@@ -72,6 +72,30 @@ def _level(x, filters: int, prefix: str, norm):
   return _conv_bn_relu(x, filters, prefix, 2, norm)
 
 
+def _check_unet_args(num_classes, image_size, base_filters, depth, dropout, stem_stride,
+                     sync_batchnorm, fused_batchnorm) -> None:
+  """build_unet's argument checks (ValueError naming the argument)."""
+  if num_classes < 1:
+    raise ValueError(f'num_classes must be >= 1, got {num_classes}')
+  if stem_stride not in (1, 2):
+    raise ValueError(f'stem_stride must be 1 or 2, got {stem_stride}')
+  if depth < 1:
+    raise ValueError(f'depth must be >= 1, got {depth}')
+  if base_filters < 1:
+    raise ValueError(f'base_filters must be >= 1, got {base_filters}')
+  if fused_batchnorm and sync_batchnorm:
+    raise ValueError('fused_batchnorm needs sync_batchnorm False')
+  if not 0.0 <= dropout < 1.0:
+    raise ValueError(f'dropout must be in [0, 1), got {dropout}')
+  if len(image_size) != 2:
+    raise ValueError(f'image_size must be (height, width), got {image_size!r}')
+  height, width = (int(s) for s in image_size)
+  stride = size_multiple(stem_stride, depth)
+  if height <= 0 or width <= 0 or height % stride or width % stride:
+    raise ValueError(f'image_size {tuple(image_size)} must be positive and divisible by '
+                     f'stem_stride * 2**depth = {stride}')
+
+
 def build_unet(num_classes: int,
                image_size: Sequence[int] = (256, 256),
                base_filters: int = 64,
@@ -115,25 +139,9 @@ def build_unet(num_classes: int,
   Raises:
     ValueError: If an argument is out of range or image_size is not divisible by 2**depth.
   """
-  if num_classes < 1:
-    raise ValueError(f'num_classes must be >= 1, got {num_classes}')
-  if stem_stride not in (1, 2):
-    raise ValueError(f'stem_stride must be 1 or 2, got {stem_stride}')
-  if depth < 1:
-    raise ValueError(f'depth must be >= 1, got {depth}')
-  if base_filters < 1:
-    raise ValueError(f'base_filters must be >= 1, got {base_filters}')
-  if fused_batchnorm and sync_batchnorm:
-    raise ValueError('fused_batchnorm needs sync_batchnorm False')
-  if not 0.0 <= dropout < 1.0:
-    raise ValueError(f'dropout must be in [0, 1), got {dropout}')
-  if len(image_size) != 2:
-    raise ValueError(f'image_size must be (height, width), got {image_size!r}')
+  _check_unet_args(num_classes, image_size, base_filters, depth, dropout, stem_stride,
+                   sync_batchnorm, fused_batchnorm)
   height, width = (int(s) for s in image_size)
-  stride = size_multiple(stem_stride, depth)
-  if height <= 0 or width <= 0 or height % stride or width % stride:
-    raise ValueError(f'image_size {tuple(image_size)} must be positive and divisible by '
-                     f'stem_stride * 2**depth = {stride}')
 
   def norm(layer_name):
     if fused_batchnorm:
@@ -145,23 +153,36 @@ def build_unet(num_classes: int,
   x = inputs
   if stem_stride > 1:
     x = _conv_bn_relu(x, base_filters, 'stem', 1, norm, stem_stride)
+  x, skips = _encoder(x, base_filters, depth, dropout, norm)
+  x = _decoder(x, skips, base_filters, depth, dropout, norm)
+  # The head computes in float32 so logits (and hence the loss and softmax) keep full
+  # precision when the rest of the model runs under a mixed_float16/mixed_bfloat16 policy.
+  logits = keras.layers.Conv2D(
+      num_classes, 3, padding='same', dtype='float32', name='logits')(x)
+  if stem_stride > 1:
+    logits = keras.layers.UpSampling2D(stem_stride, interpolation='bilinear', dtype='float32',
+                                       name='logits_upsample')(logits)
+  return keras.Model(inputs, logits, name=name)
 
-  # Encoder: keep each level's pre-pool activation as the skip connection.
+
+def _encoder(x, base_filters: int, depth: int, dropout: float, norm):
+  """Encoder levels and the bottleneck; returns its output and each level's pre-pool skip."""
   skips = []
   for level in range(1, depth + 1):
-    filters = base_filters * 2**(level - 1)
     prefix = f'enc{level}'
-    x = _level(x, filters, prefix, norm)
+    x = _level(x, base_filters * 2**(level - 1), prefix, norm)
     skips.append(x)
     x = keras.layers.MaxPooling2D(2, name=f'{prefix}_pool')(x)
   if dropout > 0:
     x = keras.layers.Dropout(dropout, name=f'enc{depth}_dropout')(x)
-
   x = _level(x, base_filters * 2**depth, 'bottleneck', norm)
   if dropout > 0:
     x = keras.layers.Dropout(dropout, name='bottleneck_dropout')(x)
+  return x, skips
 
-  # Decoder: dec1 is the deepest level and pairs with the deepest encoder skip.
+
+def _decoder(x, skips, base_filters: int, depth: int, dropout: float, norm):
+  """Decoder levels; dec1 is the deepest and pairs with the deepest encoder skip."""
   for level in range(1, depth + 1):
     filters = base_filters * 2**(depth - level)
     prefix = f'dec{level}'
@@ -172,15 +193,7 @@ def build_unet(num_classes: int,
     # The seed notebook regularises every decoder level except the one feeding the head.
     if dropout > 0 and level < depth:
       x = keras.layers.Dropout(dropout, name=f'{prefix}_dropout')(x)
-
-  # The head computes in float32 so logits (and hence the loss and softmax) keep full
-  # precision when the rest of the model runs under a mixed_float16/mixed_bfloat16 policy.
-  logits = keras.layers.Conv2D(
-      num_classes, 3, padding='same', dtype='float32', name='logits')(x)
-  if stem_stride > 1:
-    logits = keras.layers.UpSampling2D(stem_stride, interpolation='bilinear', dtype='float32',
-                                       name='logits_upsample')(logits)
-  return keras.Model(inputs, logits, name=name)
+  return x
 
 
 def with_auxiliary_heads(model: keras.Model, num_classes: int, depth: int) -> keras.Model:
