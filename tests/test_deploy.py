@@ -5,6 +5,9 @@
 - Consistency of the rendered objects: Service selectors, pod DNS names, worker counts, GPUs,
   exit-code policy, non-root pods, no secrets, one image and one bucket everywhere, flags the
   modules define, and the image that cloudbuild.yaml pushes.
+- Images pinned to one build (a commit's tag or a digest, never `latest`); TensorBoard over runs
+  and tuning studies with the profiler plugin in the image; Kueue's queue-name label on every Job
+  exactly when QUEUE_NAME is set.
 - cloudbuild.yaml's steps and substitutions, and its deploy script run against a stand-in kubectl.
 - The rendered train Job run for real: its container command and env, resolved the way the Job
   controller and kubelet do, in one network namespace per pod (each with its own IP, binding port
@@ -82,6 +85,10 @@ LOCAL_CPU = _literals(K8S / 'components' / 'local-cpu' / 'values')
 SCALED = {'NUM_WORKERS': '4', 'GPUS_PER_WORKER': '2', 'GPU_TYPE': 'nvidia-tesla-a100',
           'BUCKET': 'gs://other-bucket', 'RUN_NAME': 'big-07',
           'IMAGE': 'europe-west4-docker.pkg.dev/p/camvid/camvid-seg:abc1234'}
+# The image pinned by digest instead of a tag, and the Jobs queued by Kueue.
+DIGEST = {'IMAGE': 'us-central1-docker.pkg.dev/p/camvid/camvid-seg@sha256:' + '0123456789abcdef' * 4}
+KUEUE = {'QUEUE_NAME': 'team-a'}
+QUEUE_LABEL = 'kueue.x-k8s.io/queue-name'
 
 
 @pytest.fixture(scope='module')
@@ -106,6 +113,11 @@ def variants(tmp_path_factory):
                     'components: [settings, {k8s}/components/settings]\n')
   _settings_component(scaled, SCALED)
   out['scaled'] = (_kustomize(scaled), {**BASE_SETTINGS, **SCALED})
+  for name, values in (('digest', DIGEST), ('kueue', KUEUE)):
+    folder = _overlay(root, name, 'resources: [{k8s}]\n'
+                      'components: [settings, {k8s}/components/settings]\n')
+    _settings_component(folder, values)
+    out[name] = (_kustomize(folder), {**BASE_SETTINGS, **values})
   # Two experiments side by side: kustomize renames objects but not env values by itself.
   prefixed = _overlay(root, 'prefixed', 'resources: [{k8s}]\nnamePrefix: exp2-\n'
                       'nameSuffix: -b\n')
@@ -113,7 +125,7 @@ def variants(tmp_path_factory):
   return out
 
 
-ALL_VARIANTS = ['base', 'local-cpu', 'local-cpu-in-place', 'scaled', 'prefixed']
+ALL_VARIANTS = ['base', 'local-cpu', 'local-cpu-in-place', 'scaled', 'prefixed', 'digest', 'kueue']
 
 
 def _find(objects, kind, name=None, component=None):
@@ -357,7 +369,8 @@ def test_each_file_applied_alone_is_what_kustomize_renders(tmp_path):
   written = {'IMAGE': container['image'], 'BUCKET': env['CAMVID_BUCKET'],
              'RUN_NAME': env['CAMVID_RUN_NAME'], 'NUM_WORKERS': str(job['spec']['completions']),
              'GPUS_PER_WORKER': str(container['resources']['limits']['nvidia.com/gpu']),
-             'GPU_TYPE': pod['nodeSelector']['cloud.google.com/gke-accelerator']}
+             'GPU_TYPE': pod['nodeSelector']['cloud.google.com/gke-accelerator'],
+             'QUEUE_NAME': job['metadata']['labels'].get(QUEUE_LABEL, '')}
   assert written.keys() == BASE_SETTINGS.keys()
   overlay = _overlay(tmp_path, 'written', 'resources: [{k8s}]\n'
                      'components: [settings, {k8s}/components/settings]\n')
@@ -592,7 +605,7 @@ def test_pods_run_as_the_image_user_without_secrets(variants, variant):
         assert leak not in text, (name, leak)
 
 
-@pytest.mark.parametrize('variant', ['base', 'scaled', 'prefixed', 'local-cpu'])
+@pytest.mark.parametrize('variant', ['base', 'scaled', 'prefixed', 'local-cpu', 'digest'])
 def test_one_image_and_one_bucket_layout_everywhere(variants, variant):
   objects, settings = variants[variant]
   bucket = settings['BUCKET']
@@ -611,17 +624,67 @@ def test_one_image_and_one_bucket_layout_everywhere(variants, variant):
       for arg in container_args(container, env):
         flag, _, value = arg.partition('=')
         if '/' in value:
-          assert value.startswith(f'{bucket}/camvid/'), (obj['metadata']['name'], arg)
+          assert (value + '/').startswith(f'{bucket}/camvid/'), (obj['metadata']['name'], arg)
           paths.setdefault(flag, set()).add(value)
   run = f'{bucket}/camvid/runs/{settings["RUN_NAME"]}'
   assert paths.get('--input_dir', {f'{bucket}/camvid/raw'}) == {f'{bucket}/camvid/raw'}
   # What the builder writes is what the trainer, evaluator and tuner read.
   assert paths['--data_dir'] == {f'{bucket}/camvid/tfrecords'}
   assert paths['--model_dir'] == {run}  # Trained, then evaluated.
-  assert paths['--logdir'] == {f'{bucket}/camvid/runs'}  # TensorBoard sees every run's logs/.
+  # TensorBoard: the parent of runs/ and tuning/ (test_tensorboard_shows_runs_studies_and_traces).
+  assert paths['--logdir'] == {f'{bucket}/camvid'}
   assert paths['--output'] == {f'{run}/metrics-test.json'}
   if variant != 'local-cpu':  # local-cpu's builder is a shell script (it may generate scenes).
     assert paths['--output_dir'] >= {f'{bucket}/camvid/tfrecords'}
+
+
+# A pinned image reference: a digest, or a tag other than `latest`. The tag follows the last ':'
+# of the last path component (a registry's host:port is not a tag); without one, docker pulls
+# `latest`.
+_IMAGE_DIGEST = re.compile(r'@sha256:[0-9a-f]{64}$')
+_IMAGE_TAG = re.compile(r'[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}')
+
+
+def image_pin(image):
+  """'@digest' or the tag of an image reference; None when it has neither."""
+  if _IMAGE_DIGEST.search(image):
+    return '@digest'
+  last = image.rsplit('/', 1)[-1]
+  if ':' not in last:
+    return None
+  tag = last.rpartition(':')[2]
+  assert _IMAGE_TAG.fullmatch(tag), f'{image}: invalid tag'
+  return tag
+
+
+@pytest.mark.parametrize('variant', ALL_VARIANTS)
+def test_every_pod_runs_one_pinned_image(variants, variant):
+  """Every container runs IMAGE, one build's tag or digest: a pod that replaces a failed or
+  preempted one resumes the run with the code its peers run, never whatever `latest` is by then."""
+  objects, settings = variants[variant]
+  assert image_pin(settings['IMAGE']) not in (None, 'latest'), settings['IMAGE']
+  for obj, template in _pod_specs(objects):
+    for container in _containers(template):
+      image = container['image']
+      assert image == settings['IMAGE'], (obj['metadata']['name'], image)
+      assert image_pin(image) not in (None, 'latest'), (obj['metadata']['name'], image)
+
+
+def test_image_pins_are_recognised():
+  assert image_pin('r.example/p/camvid-seg:abc1234') == 'abc1234'
+  assert image_pin('localhost:5000/camvid-seg') is None  # A port, not a tag: `latest`.
+  assert image_pin('camvid-seg') is None
+  assert image_pin('camvid-seg:latest') == 'latest'
+  assert image_pin(DIGEST['IMAGE']) == '@digest'
+
+
+def test_no_manifest_or_build_step_names_latest():
+  """Not in any manifest, variant or settings file (comments aside), nor in cloudbuild.yaml: the
+  `latest` tag is neither pushed nor pulled."""
+  for path in sorted(K8S.rglob('*.yaml')) + [CLOUDBUILD]:
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+      code = line.split('#', 1)[0]
+      assert not re.search(r':latest\b', code), f'{path.relative_to(REPO)}:{number}: {line}'
 
 
 def _module_file(module):
@@ -674,6 +737,106 @@ def test_tensorboard_service_reaches_its_deployment(variants):
   assert f'--port={port["http"]}' in container['args'] and '--bind_all' in container['args']
 
 
+@pytest.mark.parametrize('variant', ['base', 'local-cpu', 'prefixed'])
+def test_tensorboard_shows_runs_studies_and_traces(variants, variant):
+  """One --logdir above every training run's logs (with their --profile_steps traces) and every
+  tuning study's HParams runs. Not --logdir_spec: the profiler plugin reads --logdir only and
+  lists no trace under --logdir_spec. TensorBoard's own flag parser accepts the rendered args."""
+  from tensorboard import default, program  # pylint: disable=g-import-not-at-top
+  objects, settings = variants[variant]
+  (deployment,) = _find(objects, 'Deployment', component='tensorboard')
+  (container,) = deployment['spec']['template']['spec']['containers']
+  env = container_env(job_pod(deployment, 0), container['name'], objects)
+  module, *args = container_args(container, env)
+  assert module == 'tensorboard.main'
+  assert not [a for a in args if a.startswith('--logdir_spec')]
+  (logdir,) = [a.partition('=')[2] for a in args if a.startswith('--logdir=')]
+  assert '--load_fast=false' in args  # The Python reader: gs:// through tf.io.gfile.
+  tensorboard = program.TensorBoard(plugins=default.get_plugins())
+  tensorboard.configure(argv=['tensorboard', *args])
+  assert tensorboard.flags.logdir == logdir and not tensorboard.flags.logdir_spec
+  # Where the trainer and the tuner write their TensorBoard data (README, "Outputs", "Tuning").
+  written = set()
+  for job in _find(objects, 'Job'):
+    for job_container in _containers(job['spec']['template']):
+      job_env = container_env(job_pod(job, 0), job_container['name'], objects)
+      job_module, *job_args = container_args(job_container, job_env)
+      flags = dict(a.partition('=')[::2] for a in job_args if a.startswith('--'))
+      if job_module == 'trainer.task':
+        written.add(f'{flags["--model_dir"]}/logs')  # profile/ (the traces) is in there too.
+      elif job_module == 'tuning.tune':
+        written.add(f'{flags["--output_dir"]}/tensorboard')
+  assert len(written) == 2, written  # The train run and the study.
+  for path in written:
+    assert path.startswith(f'{logdir}/'), (path, logdir)
+  assert {p[len(logdir) + 1:].split('/')[0] for p in written} == {'runs', 'tuning'}
+  assert logdir == f'{settings["BUCKET"]}/camvid'
+
+
+# ---------------------------------------------------------------------------------------------
+# Kueue: the queue-name label from QUEUE_NAME.
+
+def _without_queue_label(objects):
+  objects = copy.deepcopy(objects)
+  for obj in objects:
+    obj['metadata'].get('labels', {}).pop(QUEUE_LABEL, None)
+  return objects
+
+
+@pytest.mark.parametrize('variant', ['base', 'local-cpu', 'scaled', 'prefixed', 'digest'])
+def test_no_queue_name_renders_no_kueue_label(variants, variant):
+  """QUEUE_NAME empty (the default): no label at all, not an empty one (Kueue's webhook rejects a
+  queue-name label that is present but not a valid name, "" included)."""
+  objects, settings = variants[variant]
+  assert settings['QUEUE_NAME'] == ''
+  assert 'kueue.x-k8s.io' not in json.dumps(objects)
+
+
+def test_queue_name_labels_every_job_for_kueue(variants):
+  objects, settings = variants['kueue']
+  queue = settings['QUEUE_NAME']
+  # What Kueue accepts as a LocalQueue name (a DNS-1123 subdomain).
+  assert re.fullmatch(r'[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*', queue)
+  assert {o['metadata']['name'] for o in _find(objects, 'Job')} == {
+      'camvid-build-tfrecords', 'camvid-train', 'camvid-evaluate', 'camvid-tune-chief',
+      'camvid-tune-workers'}
+  for obj in objects:
+    label = obj['metadata'].get('labels', {}).get(QUEUE_LABEL)
+    # On the Jobs themselves (Kueue reads the Job's labels), not on the Deployment or Services.
+    assert label == (queue if obj['kind'] == 'Job' else None), obj['metadata']['name']
+    if obj['kind'] == 'Job':
+      # Created unsuspended: Kueue's webhook suspends a Job that carries the label itself, and
+      # the same Job runs at once on a cluster without Kueue.
+      assert 'suspend' not in obj['spec'], obj['metadata']['name']
+      assert QUEUE_LABEL not in obj['spec']['template']['metadata']['labels']
+  # Nothing else changes.
+  assert _without_queue_label(objects) == variants['base'][0]
+
+
+def test_queue_name_set_in_settings_yaml_alone(tmp_path):
+  """The one edit the issue promises: QUEUE_NAME in k8s/settings.yaml (here in a copy of k8s/),
+  also with local-cpu listed in place; a variant that empties it again loses the label."""
+  copied = tmp_path / 'k8s'
+  shutil.copytree(K8S, copied)
+  settings = (copied / 'settings.yaml').read_text()
+  assert settings.count('\n  QUEUE_NAME: ""\n') == 1
+  (copied / 'settings.yaml').write_text(settings.replace('QUEUE_NAME: ""', 'QUEUE_NAME: batch'))
+  objects = _kustomize(copied)
+  assert {o['metadata']['labels'].get(QUEUE_LABEL) for o in _find(objects, 'Job')} == {'batch'}
+  assert _without_queue_label(objects) == _kustomize(K8S) != objects
+  emptied = tmp_path / 'emptied'
+  (emptied / 'settings').mkdir(parents=True)
+  (emptied / 'kustomization.yaml').write_text(
+      'resources: [../k8s]\ncomponents: [settings, ../k8s/components/settings]\n')
+  _settings_component(emptied, {'QUEUE_NAME': ''})
+  assert 'kueue.x-k8s.io' not in json.dumps(_kustomize(emptied))
+  text = (copied / 'kustomization.yaml').read_text()
+  (copied / 'kustomization.yaml').write_text(
+      text.replace('- components/settings\n', '- components/settings\n- components/local-cpu\n'))
+  objects = _kustomize(copied)
+  assert {o['metadata']['labels'].get(QUEUE_LABEL) for o in _find(objects, 'Job')} == {'batch'}
+
+
 # ---------------------------------------------------------------------------------------------
 # The image.
 
@@ -692,6 +855,22 @@ def test_dockerfile_builds_the_package_on_the_tensorflow_gpu_image():
   assert uid >= 1000 and gid >= 1000
   assert instructions['USER'] == [f'{uid}:{gid}']
   assert json.loads(instructions['CMD'][-1]) == ['trainer.task']  # No args: the demo.
+
+
+def test_image_has_the_tensorboard_profiler_plugin():
+  """tensorboard-plugin-profile of the image's TensorFlow release, so that --profile_steps traces
+  open in TensorBoard's Profile tab; the build fails unless TensorBoard finds and loads it."""
+  from packaging.requirements import Requirement  # pylint: disable=g-import-not-at-top
+  instructions, args = dockerfile()
+  (install,) = [r for r in instructions['RUN'] if 'pip install' in r]
+  (spec,) = [Requirement(r) for r in re.findall(r'"(tensorboard-plugin-profile[^"]*)"', install)]
+  major, minor, _ = args['TF_VERSION'].split('.')
+  assert spec.specifier.contains(f'{major}.{minor}.0'), spec
+  assert not spec.specifier.contains(f'{major}.{int(minor) + 1}.0'), spec
+  # The build-time check, after the pip install and the module imports, in the same RUN.
+  check = install[install.index('pip install'):]
+  assert re.search(r"default\.get_dynamic_plugins\(\).*assert 'ProfilePluginLoader' in", check)
+  assert 'import xprof.profile_plugin' in check
 
 
 def test_dockerignore_sends_only_the_package():
@@ -743,9 +922,9 @@ def test_cloudbuild_tests_then_builds_then_pushes():
   values = {**{k: k for k in BUILTIN_SUBSTITUTIONS}, **config['substitutions']}
   built = sorted(substitute(a.partition('=')[2], values) for a in build['args']
                  if a.startswith('--tag='))
-  assert built == sorted(f'{repo}:{t}' for t in ('SHORT_SHA', 'latest'))
-  assert push['args'][0] == 'push' and '--all-tags' in push['args']
-  assert substitute(push['args'][-1], values) == repo
+  assert built == [f'{repo}:SHORT_SHA']  # The commit's tag only: no `latest`.
+  assert push['args'][0] == 'push'
+  assert [substitute(a, values) for a in push['args'][1:]] == built
   assert sorted(substitute(i, values) for i in config['images']) == built
   assert deploy['name'] == 'gcr.io/cloud-builders/kubectl'
   # Cloud Build rejects a build that uses an unknown substitution or leaves a defined one unused.
@@ -758,10 +937,12 @@ def test_cloudbuild_tests_then_builds_then_pushes():
 
 def test_cloudbuild_pushes_the_image_the_manifests_run():
   repo, tags = pushed_repository(cloudbuild())
-  assert tags == ['SHORT_SHA', 'latest']
+  assert tags == ['SHORT_SHA']
   image = BASE_SETTINGS['IMAGE']
   name, _, tag = image.rpartition(':')
-  assert tag in ('latest',) and name == repo, f'k8s/settings.yaml IMAGE {image} vs {repo}'
+  assert name == repo, f'k8s/settings.yaml IMAGE {image} vs {repo}'
+  # The placeholder for the tag of the commit to run, `git rev-parse --short HEAD` (README).
+  assert tag == 'COMMIT'
 
 
 def _run_deploy_step(tmp_path, **overrides):
