@@ -28,7 +28,7 @@ def main():
   batch = bench_batchnorm.random_batch(config)
   crop = batch[1].shape[1:]
   print(f'machine: {os.cpu_count()} cores; config {args.config}: {crop[0]}x{crop[1]} crops, '
-        f'batch {config.batch_size}; ema momentum {MOMENTUM}; '
+        f'batch {config.data.batch_size}; ema momentum {MOMENTUM}; '
         f'{args.rounds} alternating rounds of {args.steps} steps')
   steps = {'plain': bench_batchnorm.make_step(config, True, batch),
            'averaged': bench_batchnorm.make_step(config, True, batch, MOMENTUM)}

@@ -42,12 +42,12 @@ def make_step(config, fused: bool, batch, average_momentum: float = 0.0):
   weights after the optimizer step, as the trainer's loop does (bench_averaging.py).
   """
   keras.utils.set_random_seed(0)
-  model = model_lib.build_unet(NUM_CLASSES, image_size=config.image_size,
-                               base_filters=config.base_filters, depth=config.depth,
-                               dropout=config.dropout, bn_momentum=config.bn_momentum,
-                               any_size=True, stem_stride=config.stem_stride,
+  model = model_lib.build_unet(NUM_CLASSES, image_size=config.data.image_size,
+                               base_filters=config.model.base_filters, depth=config.model.depth,
+                               dropout=config.model.dropout, bn_momentum=config.model.bn_momentum,
+                               any_size=True, stem_stride=config.model.stem_stride,
                                fused_batchnorm=fused)
-  optimizer = keras.optimizers.AdamW(config.learning_rate)
+  optimizer = keras.optimizers.AdamW(config.optimizer.learning_rate)
   average = averaging.WeightAverage(model, average_momentum) if average_momentum else None
   images, masks = batch
 
@@ -85,10 +85,10 @@ def parse_args(description: str) -> argparse.Namespace:
 
 def random_batch(config) -> tuple[tf.Tensor, tf.Tensor]:
   """In-memory images and masks of the config's training crop and batch size."""
-  crop = config.crop_size or config.image_size
+  crop = config.data.crop_size or config.data.image_size
   rng = np.random.default_rng(0)
-  return (tf.constant(rng.random((config.batch_size, *crop, 3), np.float32)),
-          tf.constant(rng.integers(0, NUM_CLASSES, (config.batch_size, *crop)), tf.int32))
+  return (tf.constant(rng.random((config.data.batch_size, *crop, 3), np.float32)),
+          tf.constant(rng.integers(0, NUM_CLASSES, (config.data.batch_size, *crop)), tf.int32))
 
 
 def compare(steps: dict, labels: dict, config, args) -> dict:
@@ -106,7 +106,7 @@ def compare(steps: dict, labels: dict, config, args) -> dict:
   for name in steps:
     medians[name] = median = statistics.median(times[name])
     print(f'{labels[name]:40s} {1e3 * median:7.1f} ms/step, '
-          f'{config.batch_size / median:6.2f} images/s '
+          f'{config.data.batch_size / median:6.2f} images/s '
           f'(rounds: {", ".join(f"{1e3 * t:.1f}" for t in times[name])} ms)', flush=True)
   return medians
 
@@ -117,7 +117,7 @@ def main():
   batch = random_batch(config)
   crop = batch[1].shape[1:]
   print(f'machine: {os.cpu_count()} cores; config {args.config}: {crop[0]}x{crop[1]} crops, '
-        f'batch {config.batch_size}, oneDNN {os.environ["TF_ENABLE_ONEDNN_OPTS"]}; '
+        f'batch {config.data.batch_size}, oneDNN {os.environ["TF_ENABLE_ONEDNN_OPTS"]}; '
         f'{args.rounds} alternating rounds of {args.steps} steps')
   steps = {'keras': make_step(config, False, batch), 'fused': make_step(config, True, batch)}
   medians = compare(steps, {'keras': 'keras.layers.BatchNormalization',

@@ -56,16 +56,18 @@ def main():
   parser.add_argument('--rounds', type=int, default=3)
   # The default times what `small`'s deep supervision and weight average cost (it has both);
   # a change the preset already holds would time the preset against itself.
-  parser.add_argument('--hparams', default='{"aux_loss_weight": 0.0, "ema_momentum": 0.0}',
-                      help='JSON object of config fields to change')
+  parser.add_argument('--hparams',
+                      default='{"loss.aux_loss_weight": 0.0, "optimizer.ema_momentum": 0.0}',
+                      help='JSON object of config fields to change (dotted, nested or flat '
+                      'keys, as --hparams_file)')
   args = parser.parse_args()
   base = configs.get_config(args.config)
-  changed = base.replace(**json.loads(args.hparams))
+  changed = configs.override(base, json.loads(args.hparams), '--hparams')
   configs.validate(changed)
   batch = bench_batchnorm.random_batch(base)
   crop = batch[1].shape[1:]
   print(f'machine: {os.cpu_count()} cores; config {args.config}: {crop[0]}x{crop[1]} crops, '
-        f'batch {base.batch_size}; changed: {args.hparams}; '
+        f'batch {base.data.batch_size}; changed: {args.hparams}; '
         f'{args.rounds} alternating rounds of {args.steps} steps')
   steps = {'base': make_step(base, batch), 'changed': make_step(changed, batch)}
   medians = bench_batchnorm.compare(

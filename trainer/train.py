@@ -13,7 +13,7 @@ model_dir layout:
   logs/{train,val}/      TensorBoard
   history.csv            one row per completed epoch (see history.py)
   export/                model.keras, serving/ SavedModel, labels.json
-  calibration.json       per-class decision bias fitted on config.calibration_split (if set)
+  calibration.json       per-class decision bias fitted on config.eval.calibration_split (if set)
   metrics.json           evaluation of the best checkpoint on val
 """
 
@@ -49,14 +49,8 @@ from trainer import summaries as summaries_lib
 
 CONFIG_NAME = 'config.json'
 METRICS_NAME = 'metrics.json'
-# Fields a resumed run may change: how it runs, how long, and how it predicts, but not what the
-# checkpoint learned from (model, data, optimiser, loss, seed). `epochs` extends a run.
-RESUMABLE_CHANGES = frozenset({
-    'epochs', 'strategy', 'mixed_precision', 'peer_timeout_seconds', 'jit_compile',
-    'steps_per_loop', 'backup_every_steps', 'num_summary_images', 'profile_steps',
-    'cache_decoded_mb', 'shuffle_buffer', 'eval_batch_size', 'eval_every_epochs',
-    'early_stopping_patience', 'early_stopping_min_delta', 'eval_flip', 'eval_scales',
-    'logit_adjustment', 'calibration_split'})
+# Keys train.run adds to config.json besides the config: facts of the run, not settings.
+RUN_FACTS = ('resolved_precision', 'strategy_used', 'num_replicas', 'num_workers', 'data_dir')
 
 
 class Preempted(Exception):
@@ -74,51 +68,54 @@ def build_model(config: configs.Config, num_classes: int, training: bool = False
   the plain Keras layer.
   """
   replicas = tf.distribute.get_strategy().num_replicas_in_sync
-  fused = training and not (config.sync_batchnorm and replicas > 1)
-  return model_lib.build_unet(num_classes, image_size=config.image_size,
-                              base_filters=config.base_filters, depth=config.depth,
-                              dropout=config.dropout,
-                              sync_batchnorm=config.sync_batchnorm and not fused,
+  fused = training and not (config.model.sync_batchnorm and replicas > 1)
+  return model_lib.build_unet(num_classes, image_size=config.data.image_size,
+                              base_filters=config.model.base_filters, depth=config.model.depth,
+                              dropout=config.model.dropout,
+                              sync_batchnorm=config.model.sync_batchnorm and not fused,
                               fused_batchnorm=fused,
-                              any_size=((training and config.crop_size is not None) or
-                                        config.eval_scales != (1.0,)),
-                              bn_momentum=config.bn_momentum, stem_stride=config.stem_stride)
+                              any_size=((training and config.data.crop_size is not None) or
+                                        config.eval.scales != (1.0,)),
+                              bn_momentum=config.model.bn_momentum,
+                              stem_stride=config.model.stem_stride)
 
 
 def size_multiple(config: configs.Config) -> int:
-  return model_lib.size_multiple(config.stem_stride, config.depth)
+  return model_lib.size_multiple(config.model.stem_stride, config.model.depth)
 
 
 def class_weights_for(config: configs.Config, manifest) -> np.ndarray | None:
-  if config.class_weighting == 'none':
+  if config.loss.class_weighting == 'none':
     return None
   return losses.class_weights_from_counts(manifest.split('train')['class_pixel_counts'],
-                                          config.class_weighting, config.max_class_weight)
+                                          config.loss.class_weighting,
+                                          config.loss.max_class_weight)
 
 
 def peak_learning_rate(config: configs.Config) -> float:
-  if config.lr_scaling == 'linear':
-    return config.learning_rate * config.batch_size / config.base_batch_size
-  return config.learning_rate
+  if config.optimizer.lr_scaling == 'linear':
+    return (config.optimizer.learning_rate * config.data.batch_size /
+            config.optimizer.base_batch_size)
+  return config.optimizer.learning_rate
 
 
 def make_optimizer(config: configs.Config, total_steps: int,
                    steps_per_epoch: int) -> keras.optimizers.Optimizer:
   """Optimizer and schedule from the config (warm-up, then cosine decay to zero)."""
   peak = peak_learning_rate(config)
-  warmup = min(int(round(config.warmup_epochs * steps_per_epoch)), total_steps - 1)
-  if config.lr_schedule == 'cosine':
+  warmup = min(int(round(config.optimizer.warmup_epochs * steps_per_epoch)), total_steps - 1)
+  if config.optimizer.lr_schedule == 'cosine':
     schedule = keras.optimizers.schedules.CosineDecay(
         initial_learning_rate=0.0 if warmup else peak, decay_steps=max(total_steps - warmup, 1),
         warmup_target=peak if warmup else None, warmup_steps=warmup)
   else:
     schedule = peak
-  common = {'learning_rate': schedule, 'clipnorm': config.clipnorm}
-  if config.optimizer == 'adamw':
-    optimizer = keras.optimizers.AdamW(weight_decay=config.weight_decay, **common)
+  common = {'learning_rate': schedule, 'clipnorm': config.optimizer.clipnorm}
+  if config.optimizer.name == 'adamw':
+    optimizer = keras.optimizers.AdamW(weight_decay=config.optimizer.weight_decay, **common)
     # Decaying BatchNorm scales/offsets and biases only fights the normalisation.
     optimizer.exclude_from_weight_decay(var_names=['gamma', 'beta', 'bias'])
-  elif config.optimizer == 'adam':
+  elif config.optimizer.name == 'adam':
     optimizer = keras.optimizers.Adam(**common)
   else:
     optimizer = keras.optimizers.SGD(momentum=0.9, nesterov=True, **common)
@@ -132,17 +129,17 @@ def build_trainables(config: configs.Config, num_classes: int, total_steps: int,
   """The training model, its deep-supervision twin, the built optimizer and the weight average.
 
   Call inside the strategy's scope. Returns (model, train_model, optimizer, average):
-  `train_model` (model.with_auxiliary_heads, for aux_loss_weight) and `average` (for
-  ema_momentum) are None when the config does not ask for them. Deep supervision's heads live
-  only in `train_model`: best/ and the export hold `model` alone.
+  `train_model` (model.with_auxiliary_heads, for loss.aux_loss_weight) and `average` (for
+  optimizer.ema_momentum) are None when the config does not ask for them. Deep supervision's
+  heads live only in `train_model`: best/ and the export hold `model` alone.
   """
   model = build_model(config, num_classes, training=True)
-  train_model = (model_lib.with_auxiliary_heads(model, num_classes, config.depth)
-                 if config.aux_loss_weight else None)
+  train_model = (model_lib.with_auxiliary_heads(model, num_classes, config.model.depth)
+                 if config.loss.aux_loss_weight else None)
   optimizer = make_optimizer(config, total_steps, steps_per_epoch)
   optimizer.build((train_model or model).trainable_variables)
-  average = (averaging.WeightAverage(model, config.ema_momentum) if config.ema_momentum
-             else None)
+  average = (averaging.WeightAverage(model, config.optimizer.ema_momentum)
+             if config.optimizer.ema_momentum else None)
   return model, train_model, optimizer, average
 
 
@@ -165,13 +162,13 @@ def inference_spec(config: configs.Config, class_names, class_weights=None, clas
 
   The bias is the config's logit adjustment of the weights; colours default to black.
   """
-  bias = losses.logit_adjustment_bias(class_weights, config.logit_adjustment)
+  bias = losses.logit_adjustment_bias(class_weights, config.eval.logit_adjustment)
   floats = lambda values: None if values is None else tuple(float(v) for v in values)
   return inference.Spec(
       class_names=tuple(class_names),
       class_colors=tuple(tuple(c) for c in (class_colors or [(0, 0, 0)] * len(class_names))),
-      image_size=tuple(config.image_size), size_multiple=size_multiple(config),
-      flip=config.eval_flip, scales=tuple(config.eval_scales), bias=floats(bias),
+      image_size=tuple(config.data.image_size), size_multiple=size_multiple(config),
+      flip=config.eval.flip, scales=tuple(config.eval.scales), bias=floats(bias),
       class_weights=floats(class_weights), ignore_label=ignore_label)
 
 
@@ -215,7 +212,7 @@ def make_steps(model, optimizer, strategy, config, spec: inference.Spec, train_m
         mask = batch['mask'][:, strides[0] // 2::strides[0], strides[1] // 2::strides[1]]
         aux_sum, _ = losses.pixel_loss_sum(mask, losses.log_probabilities(aux),
                                            normalized=True, **loss_kw)
-        aux_sum *= (tf.cast(strides[0] * strides[1], tf.float32) * config.aux_loss_weight /
+        aux_sum *= (tf.cast(strides[0] * strides[1], tf.float32) * config.loss.aux_loss_weight /
                     len(aux_logits))
         loss += aux_sum / global_weight
         loss_sum += aux_sum
@@ -232,7 +229,8 @@ def make_steps(model, optimizer, strategy, config, spec: inference.Spec, train_m
 
   # XLA compiles the replica's step, not the loop around it: the loop reads the input
   # iterator, which XLA has no kernel for (IteratorGetNext).
-  replica_step = tf.function(train_step, jit_compile=True) if config.jit_compile else train_step
+  replica_step = (tf.function(train_step, jit_compile=True) if config.runtime.jit_compile
+                  else train_step)
 
   @tf.function
   def train_loop(iterator, num_steps):
@@ -325,33 +323,43 @@ class _Profiler:
 def load_config(model_dir: str) -> configs.Config:
   """The resolved config a run recorded in model_dir/config.json (run facts dropped).
 
-  Keys of removed options (configs.REMOVED_OPTIONS) are dropped when they hold the value that
-  meant "off"; a run that used one trained a model this trainer cannot build, so it is refused.
+  Reads the nested config.json and the flat one of runs from before the config was grouped
+  (its keys through configs.FLAT_NAMES). Keys of removed options (configs.REMOVED_OPTIONS) are
+  dropped when they hold the value that meant "off"; a run that used one trained a model this
+  trainer cannot build, so it is refused.
   """
   path = f'{model_dir.rstrip("/")}/{CONFIG_NAME}'
   if not tf.io.gfile.exists(path):
     raise ConfigError(f'{path}: not found; is {model_dir} a trainer model_dir?')
   with tf.io.gfile.GFile(path) as f:
     values = json.load(f)
-  used = [f'{k} {json.dumps(values[k])}' for k, off in configs.REMOVED_OPTIONS.items()
-          if k in values and values[k] != off]
+  # A flat file's removed `loss: "ce"` shares its key with the nested file's `loss` group.
+  removed = {k: v for k, v in values.items() if k in configs.REMOVED_OPTIONS and
+             not (k in configs.GROUPS and isinstance(v, dict))}
+  used = [f'{k} {json.dumps(v)}' for k, v in removed.items() if v != configs.REMOVED_OPTIONS[k]]
   if used:
     raise ConfigError(f'{path}: the run used {", ".join(used)}, removed from the trainer '
                       '(docs/experiments.md); it cannot be resumed or evaluated by this version')
-  return configs.override(configs.Config(),
-                          {k: v for k, v in values.items() if k in configs.FIELDS}, path)
+  try:
+    return configs.override(configs.Config(), {
+        k: v for k, v in values.items() if k not in removed and k not in RUN_FACTS}, path)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
 
 
 def check_resumable(model_dir: str, config: configs.Config) -> None:
   """Refuses to resume model_dir's checkpoint under a config that trains something else.
 
-  Without this a rerun with other settings would silently continue the old weights and then
-  overwrite config.json, which would no longer say how the reported model was trained.
+  Only fields of groups that are not RESUMABLE count (model, data, optimizer, loss and the
+  top-level ones: what the checkpoint learned from). Without this a rerun with other settings
+  would silently continue the old weights and then overwrite config.json, which would no longer
+  say how the reported model was trained.
   """
   recorded = load_config(model_dir)
-  changed = [f'{name} {_show(getattr(recorded, name))} -> {_show(getattr(config, name))}'
-             for name in configs.FIELDS
-             if name not in RESUMABLE_CHANGES and getattr(recorded, name) != getattr(config, name)]
+  changed = [f'{path} {_show(configs.get(recorded, path))} -> {_show(configs.get(config, path))}'
+             for path in configs.FIELDS
+             if not configs.resumable(path) and
+             configs.get(recorded, path) != configs.get(config, path)]
   if changed:
     raise ConfigError(f'{model_dir}/{CONFIG_NAME}: the checkpoint to resume was trained with '
                       f'other settings ({", ".join(changed)}); rerun with the same settings to '
@@ -394,30 +402,32 @@ def run(config: configs.Config, data_dir: str, model_dir: str, *,
     fileio.check_bucket(path, flag)
   model_dir = model_dir.rstrip('/')
   manifest = manifest_lib.read(data_dir.rstrip('/'))
-  for split in ('train', 'val') + ((config.calibration_split,) if config.calibration_split
-                                    else ()):
+  for split in ('train', 'val') + ((config.eval.calibration_split,)
+                                    if config.eval.calibration_split else ()):
     manifest.split(split)
-  runtime = runtime or distribution.create_runtime(config.strategy, config.mixed_precision,
-                                                   config.peer_timeout_seconds)
+  runtime = runtime or distribution.create_runtime(
+      config.runtime.strategy, config.runtime.mixed_precision,
+      config.runtime.peer_timeout_seconds)
   strategy = runtime.strategy
-  if config.jit_compile and runtime.kind != 'default':
+  if config.runtime.jit_compile and runtime.kind != 'default':
     # Under these strategies XLA's step reads replica 1's variables from replica 0's device and
     # fails (tensorflow/tensorflow#45940, on GPUs too); Keras' own jit_compile="auto" turns XLA
     # off under any tf.distribute strategy for the same reason.
     raise ConfigError(f'jit_compile: XLA cannot compile the step under the {runtime.kind} '
                       'strategy (replicas keep variables on other devices); use it with '
                       '--strategy default')
-  data.check_batch(config.batch_size, runtime.num_replicas, '--batch_size')
-  data.check_batch(config.eval_batch_size or config.batch_size, runtime.num_replicas,
-                   'eval_batch_size')
+  data.check_batch(config.data.batch_size, runtime.num_replicas, '--batch_size')
+  data.check_batch(config.eval.batch_size or config.data.batch_size, runtime.num_replicas,
+                   'eval.batch_size')
   num_classes, class_names = manifest.num_classes, manifest.class_names
   steps_per_epoch = config.steps_per_epoch or data.steps_per_pass(
-      manifest, 'train', config.batch_size, runtime.num_workers)
-  total_steps = steps_per_epoch * config.epochs
+      manifest, 'train', config.data.batch_size, runtime.num_workers)
+  total_steps = steps_per_epoch * config.trainer.epochs
   log(f'distribution: {runtime.describe()}')
-  log(f'batch: global {config.batch_size}, per replica '
-      f'{config.batch_size // runtime.num_replicas}; learning rate {peak_learning_rate(config):g}'
-      f' (scaling: {config.lr_scaling}); {steps_per_epoch} steps/epoch, {config.epochs} epochs')
+  log(f'batch: global {config.data.batch_size}, per replica '
+      f'{config.data.batch_size // runtime.num_replicas}; learning rate '
+      f'{peak_learning_rate(config):g} (scaling: {config.optimizer.lr_scaling}); '
+      f'{steps_per_epoch} steps/epoch, {config.trainer.epochs} epochs')
 
   checkpoint_root = (checkpoint_dir or model_dir).rstrip('/')
   ckpt_dir, best_dir = f'{checkpoint_root}/checkpoints', f'{checkpoint_root}/best'
@@ -425,7 +435,7 @@ def run(config: configs.Config, data_dir: str, model_dir: str, *,
   if latest and tf.io.gfile.exists(f'{model_dir}/{CONFIG_NAME}'):
     check_resumable(model_dir, config)
 
-  resolved = dataclasses.asdict(config) | {'resolved_precision': runtime.precision,
+  resolved = config.to_dict() | {'resolved_precision': runtime.precision,
                                            'strategy_used': runtime.kind,
                                            'num_replicas': runtime.num_replicas,
                                            'num_workers': runtime.num_workers,
@@ -481,41 +491,41 @@ def run(config: configs.Config, data_dir: str, model_dir: str, *,
                                       class_names, manifest.class_colors)
   # Every worker predicts the fixed frames (reading BatchNorm's sync-on-read statistics is a
   # collective under MultiWorkerMirroredStrategy); only the chief's summaries writer records them.
-  fixed_frames = data.first_examples(manifest, 'val', config, config.num_summary_images)
+  fixed_frames = data.first_examples(manifest, 'val', config, config.eval.num_summary_images)
   steps = make_steps(model, optimizer, strategy, config, spec, train_model=train_model,
                      average=average)
   train_input = data.TrainInput(manifest, config)
   cached = train_input.caches(runtime.num_workers)
   log(f'train frames: {"decoded once, kept in memory" if cached else "decoded every epoch"} '
       f'({(train_input.cache_bytes(runtime.num_workers) or 0) / 2**20:.0f} MiB decoded per '
-      f'worker; cache_decoded_mb {config.cache_decoded_mb})')
+      f'worker; runtime.cache_decoded_mb {config.runtime.cache_decoded_mb})')
 
-  profiler = _Profiler(config.profile_steps if runtime.is_chief else None,
+  profiler = _Profiler(config.trainer.profile_steps if runtime.is_chief else None,
                        f'{log_dir}/profile', log)
   # One dataset for all remaining epochs (each yields exactly steps_per_epoch batches, the
   # first fewer by the steps already done): a new dataset per epoch made every epoch wait for
   # its pipeline to be built and started.
   iterator = None
   with _SigtermFlag() as sigterm:
-    while int(epoch_var) < config.epochs and not bool(stopped.numpy()):
+    while int(epoch_var) < config.trainer.epochs and not bool(stopped.numpy()):
       epoch, start_step = int(epoch_var), int(step_in_epoch)
       started = time.perf_counter()
       if iterator is None:
         iterator = iter(strategy.distribute_datasets_from_function(
-            lambda ctx, e=epoch, s=start_step: train_input(ctx, e, s, config.epochs - e)))
+            lambda ctx, e=epoch, s=start_step: train_input(ctx, e, s, config.trainer.epochs - e)))
       totals = [0.0, 0.0, np.zeros([num_classes] * 2, np.int64)]
       step = start_step
       while step < steps_per_epoch:
-        until_backup = (config.backup_every_steps - global_step() %
-                        config.backup_every_steps) if config.backup_every_steps else math.inf
-        n = int(min(config.steps_per_loop, steps_per_epoch - step, until_backup))
+        backup_every = config.trainer.backup_every_steps
+        until_backup = (backup_every - global_step() % backup_every) if backup_every else math.inf
+        n = int(min(config.trainer.steps_per_loop, steps_per_epoch - step, until_backup))
         profiler.before(global_step())
         out = steps.train(iterator, tf.constant(n))
         totals = [a + b.numpy() for a, b in zip(totals, out)]
         step += n
         step_in_epoch.assign(step)
         profiler.after(global_step())
-        if config.backup_every_steps and global_step() % config.backup_every_steps == 0:
+        if backup_every and global_step() % backup_every == 0:
           save(manager)
         if bool(steps.agree(tf.constant(sigterm.event.is_set()))):
           save(manager)
@@ -523,24 +533,25 @@ def run(config: configs.Config, data_dir: str, model_dir: str, *,
       train_seconds = time.perf_counter() - started
       train_result = {'loss': float(totals[0] / max(totals[1], 1e-6))}
       train_result.update(metrics_lib.compute_metrics(totals[2], class_names))
-      validate = (epoch + 1) % config.eval_every_epochs == 0 or epoch + 1 == config.epochs
+      validate = ((epoch + 1) % config.eval.every_epochs == 0 or
+                  epoch + 1 == config.trainer.epochs)
       # Validation, its overlays and best/ see the averaged weights (ema_momentum).
       with (average.swapped(validate) if average else contextlib.nullcontext()):
         val_result = (evaluate(steps, runtime, manifest, 'val', config, class_names) if validate
                       else {'loss': None, 'pixel_accuracy': None, 'mean_iou': None})
         if fixed_frames and validate:
           images = np.stack([f['image'] for f in fixed_frames])
-          predictions = inference.predict(model, images, spec, config.image_size).numpy()
+          predictions = inference.predict(model, images, spec, config.data.image_size).numpy()
           summaries.overlays(epoch, fixed_frames, list(predictions))
         if validate and ((val_result['mean_iou'] or 0.0) >
-                         float(best_miou) + config.early_stopping_min_delta):
+                         float(best_miou) + config.trainer.early_stopping_min_delta):
           best_miou.assign(val_result['mean_iou'])
           best_epoch.assign(epoch)
           save(best_manager)
       seconds = time.perf_counter() - started
       lr = current_learning_rate(optimizer)
-      images_per_s = (step - start_step) * config.batch_size / max(train_seconds, 1e-9)
-      message = f'epoch {epoch + 1}/{config.epochs}: loss {train_result["loss"]:.4f}'
+      images_per_s = (step - start_step) * config.data.batch_size / max(train_seconds, 1e-9)
+      message = f'epoch {epoch + 1}/{config.trainer.epochs}: loss {train_result["loss"]:.4f}'
       if validate:
         message += (f', val loss {val_result["loss"]:.4f}, val pixel acc '
                     f'{val_result["pixel_accuracy"]:.4f}, val mIoU {val_result["mean_iou"]:.4f}')
@@ -559,7 +570,7 @@ def run(config: configs.Config, data_dir: str, model_dir: str, *,
           'seconds': round(seconds, 2), 'train_images_per_s': round(images_per_s, 2)}]
       if runtime.is_chief:
         history_lib.write(history_path, rows)
-      patience = config.early_stopping_patience
+      patience = config.trainer.early_stopping_patience
       if patience and epoch - int(best_epoch) >= patience:
         stopped.assign(True)
         log(f'early stop: no better val mIoU for {patience} epochs (best: epoch '
@@ -612,8 +623,8 @@ def finish(config, spec: inference.Spec, manifest, model_dir: str, checkpoint: s
   """
   model = restore_model(config, spec, checkpoint)
   uncalibrated = None
-  if config.calibration_split:
-    record = calibration.calibrate(model, manifest, config.calibration_split, config, spec)
+  if config.eval.calibration_split:
+    record = calibration.calibrate(model, manifest, config.eval.calibration_split, config, spec)
     calibration.write(model_dir, record)
     change = np.asarray(record['bias']) - np.asarray(record['initial_bias'])
     # None when the split has no labelled pixels (the bias then stays at its start).
@@ -628,7 +639,7 @@ def finish(config, spec: inference.Spec, manifest, model_dir: str, checkpoint: s
   result = evaluate_model(model, config, spec, manifest, 'val')
   result['checkpoint'] = checkpoint
   if uncalibrated is not None:
-    result['calibration_split'] = config.calibration_split
+    result['calibration_split'] = config.eval.calibration_split
     result['uncalibrated'] = {k: uncalibrated[k] for k in ('mean_iou', 'pixel_accuracy')}
     log(f'val without calibration: mIoU {uncalibrated["mean_iou"]:.4f}, pixel accuracy '
         f'{uncalibrated["pixel_accuracy"]:.4f}')
