@@ -21,6 +21,8 @@ setuptools.setup(
         'absl-py>=2.1',
         # Fast PNG decode/encode in the builder's worker processes without a TF runtime each.
         'pillow>=10',
+        # trainer.task --params_override: YAML values and .yaml files of config overrides.
+        'PyYAML>=6',
     ],
     extras_require={
         'test': [
@@ -33,7 +35,6 @@ setuptools.setup(
             'requests>=2.31',
             'kubernetes-validate>=1.31',
             'docker>=7',  # Only to apply .dockerignore rules offline; no engine needed.
-            'PyYAML>=6',
         ],
     },
     entry_points={

@@ -33,10 +33,11 @@ def measure(data_dir: str, image_size: tuple[int, int], epochs: int, cache_mb: i
   from trainer import data
   manifest = manifest_lib.read(data_dir)
   # Batch 8 whatever the preset's batch: the number stays comparable across recipe changes.
-  config = configs.get_config('small').replace(image_size=image_size, crop_size=None,
-                                                  batch_size=8, cache_decoded_mb=cache_mb)
+  config = configs.get_config('small').replace(**{
+      'data.image_size': image_size, 'data.crop_size': None, 'data.batch_size': 8,
+      'runtime.cache_decoded_mb': cache_mb})
   train_input = data.TrainInput(manifest, config)
-  steps = data.steps_per_pass(manifest, 'train', config.batch_size, 1)
+  steps = data.steps_per_pass(manifest, 'train', config.data.batch_size, 1)
   # One dataset for all epochs, as the trainer iterates it; the first epoch is timed apart.
   # Exactly the batches the epochs hold, pulled the way the trainer pulls them (a fixed number
   # of steps, never running into the end of the dataset).

@@ -1,18 +1,19 @@
 """What a config change costs per training step: the trainer's own step with and without it.
 
     python benchmarks/bench_step_cost.py [--config small] [--steps 15] [--rounds 3]
-        [--hparams '{"aux_loss_weight": 0.0, "ema_momentum": 0.0}']
+        [--hparams '{"loss.aux_loss_weight": 0.0, "optimizer.ema_momentum": 0.0}']
 
 Builds the config's training U-Net, optimizer and weight average exactly as the trainer does
-(trainer.segmentation.build_trainables: crops, width, stem, deep-supervision heads, the fused BatchNorm
-of one replica) twice, as the preset and with `--hparams` (a JSON object of config overrides,
-as --hparams_file takes), and times the trainer's train loop (trainer.segmentation.make_steps: forward,
-class-weighted losses, backward, optimizer update, weight average, confusion matrix) one step
+(trainer.segmentation.build_trainables: crops, width, stem, deep-supervision heads, the fused
+BatchNorm of one replica) twice, as the preset and with `--hparams` (a JSON object of config
+overrides, as --hparams_file takes), and times the trainer's train loop
+(trainer.segmentation.make_steps: forward, class-weighted losses, backward, optimizer update,
+weight average, confusion matrix) one step
 per call on an in-memory batch of the config's crops, so the input pipeline is not timed
 (bench_pipeline.py times that). The two alternate for an untimed round, then `--rounds` rounds
 of `--steps` steps, so a VM's drifting speed hits both alike; each prints its median.
 Examples: the default times `small`'s deep supervision and weight average together;
-'{"stem_stride": 1}' times the stride-2 stem. Last line: RESULT step_cost=<float>, the changed
+'{"model.stem_stride": 1}' times the stride-2 stem. Last line: RESULT step_cost=<float>, the changed
 step's median time over the preset's.
 """
 
@@ -41,10 +42,10 @@ NUM_CLASSES = 11
 
 def random_batch(config) -> tuple[tf.Tensor, tf.Tensor]:
   """In-memory images and masks of the config's training crop and batch size."""
-  crop = config.crop_size or config.image_size
+  crop = config.data.crop_size or config.data.image_size
   rng = np.random.default_rng(0)
-  return (tf.constant(rng.random((config.batch_size, *crop, 3), np.float32)),
-          tf.constant(rng.integers(0, NUM_CLASSES, (config.batch_size, *crop)), tf.int32))
+  return (tf.constant(rng.random((config.data.batch_size, *crop, 3), np.float32)),
+          tf.constant(rng.integers(0, NUM_CLASSES, (config.data.batch_size, *crop)), tf.int32))
 
 
 def make_step(config, batch):
@@ -53,7 +54,8 @@ def make_step(config, batch):
   model, train_model, optimizer, average = segmentation.build_trainables(
       config, NUM_CLASSES, total_steps=1000, steps_per_epoch=100)
   class_weights = np.linspace(1.0, 10.0, NUM_CLASSES).astype(np.float32)
-  spec = segmentation.inference_spec(config, [f'class{i}' for i in range(NUM_CLASSES)], class_weights)
+  spec = segmentation.inference_spec(config, [f'class{i}' for i in range(NUM_CLASSES)],
+                                     class_weights)
   steps = segmentation.make_steps(model, optimizer, tf.distribute.get_strategy(), config, spec,
                            train_model=train_model, average=average)
   images, masks = batch
@@ -99,7 +101,7 @@ def main():
   parser.add_argument('--steps', type=int, default=15)
   parser.add_argument('--rounds', type=int, default=3)
   # A change the preset already holds would time the preset against itself.
-  parser.add_argument('--hparams', default='{"aux_loss_weight": 0.0, "ema_momentum": 0.0}',
+  parser.add_argument('--hparams', default='{"loss.aux_loss_weight": 0.0, "optimizer.ema_momentum": 0.0}',
                       help='JSON object of config overrides')
   args = parser.parse_args()
   base = configs.get_config(args.config)
@@ -115,11 +117,11 @@ def main():
   batch = random_batch(base)
   crop = batch[1].shape[1:]
   print(f'machine: {os.cpu_count()} cores; config {args.config}: {crop[0]}x{crop[1]} crops, '
-        f'batch {base.batch_size}, oneDNN {os.environ["TF_ENABLE_ONEDNN_OPTS"]}; changed: '
+        f'batch {base.data.batch_size}, oneDNN {os.environ["TF_ENABLE_ONEDNN_OPTS"]}; changed: '
         f'{args.hparams}; {args.rounds} alternating rounds of {args.steps} steps')
   steps = {'base': make_step(base, batch), 'changed': make_step(changed, batch)}
   medians = compare(steps, {'base': f'trainer step, {args.config}', 'changed': 'with the change'},
-                    base.batch_size, args.rounds, args.steps)
+                    base.data.batch_size, args.rounds, args.steps)
   print(f'RESULT step_cost={medians["changed"] / medians["base"]:.3f}')
 
 

@@ -56,17 +56,17 @@ def trainer_rate(config, data_dir: str, model_dir: str) -> float:
 
 def bare_fit_rate(config, num_classes: int, steps: int) -> tuple[float, keras.Model]:
   model = segmentation.build_model(config, num_classes, training=True)
-  model.compile(optimizer=keras.optimizers.AdamW(config.learning_rate),
+  model.compile(optimizer=keras.optimizers.AdamW(config.optimizer.learning_rate),
                 loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
   rng = np.random.default_rng(0)
-  n = steps * config.batch_size
-  size = config.crop_size or config.image_size  # What the trainer's steps see.
+  n = steps * config.data.batch_size
+  size = config.data.crop_size or config.data.image_size  # What the trainer's steps see.
   x = rng.random((n, *size, 3), np.float32)
   y = rng.integers(0, num_classes, (n, *size)).astype(np.int32)
-  model.fit(x[:2 * config.batch_size], y[:2 * config.batch_size], batch_size=config.batch_size,
-            epochs=1, verbose=0)
+  batch = config.data.batch_size
+  model.fit(x[:2 * batch], y[:2 * batch], batch_size=batch, epochs=1, verbose=0)
   start = time.perf_counter()
-  model.fit(x, y, batch_size=config.batch_size, epochs=1, verbose=0, shuffle=False)
+  model.fit(x, y, batch_size=batch, epochs=1, verbose=0, shuffle=False)
   return n / (time.perf_counter() - start), model
 
 
@@ -100,18 +100,19 @@ def main():
   parser.add_argument('--config', default='small')
   parser.add_argument('--steps', type=int, default=20, help='training steps per epoch')
   args = parser.parse_args()
-  config = configs.get_config(args.config).replace(
-      epochs=2, steps_per_epoch=args.steps, num_summary_images=1, early_stopping_patience=None)
+  config = configs.get_config(args.config).replace(**{
+      'trainer.epochs': 2, 'steps_per_epoch': args.steps, 'eval.num_summary_images': 1,
+      'trainer.early_stopping_patience': None})
   with tempfile.TemporaryDirectory() as tmp:
     data_dir = args.data_dir or generated_data(tmp)
     manifest = manifest_lib.read(data_dir)
-    size = config.crop_size or config.image_size
+    size = config.data.crop_size or config.data.image_size
     print(f'oneDNN kernels: TF_ENABLE_ONEDNN_OPTS={os.environ["TF_ENABLE_ONEDNN_OPTS"]}')
     print(f'machine: {os.cpu_count()} cores; preset {args.config}: {size[0]}x{size[1]} training '
-          f'inputs, batch {config.batch_size}; {args.steps} steps per epoch')
+          f'inputs, batch {config.data.batch_size}; {args.steps} steps per epoch')
     trainer = trainer_rate(config, data_dir, os.path.join(tmp, 'model'))
     bare, model = bare_fit_rate(config, manifest.num_classes, args.steps)
-  flops = 3 * forward_flops(model, config.crop_size or config.image_size)
+  flops = 3 * forward_flops(model, config.data.crop_size or config.data.image_size)
   peak = matmul_flops_per_s()
   print(f'trainer (python -m trainer.task loop): {trainer:.2f} images/s')
   print(f'bare model.fit, in-memory tensors:     {bare:.2f} images/s')

@@ -33,16 +33,16 @@ def main():
   parser.add_argument('--steps', type=int, default=3)
   parser.add_argument('--batch', type=int, default=4)
   args = parser.parse_args()
-  config = configs.get_config('smoke').replace(
-      dropout=0.0, sync_batchnorm=True, lr_schedule='constant', learning_rate=0.1, optimizer='sgd',
-      batch_size=args.batch)
+  config = configs.get_config('smoke').replace(**{
+      'model.dropout': 0.0, 'model.sync_batchnorm': True, 'optimizer.lr_schedule': 'constant',
+      'optimizer.learning_rate': 0.1, 'optimizer.name': 'sgd', 'data.batch_size': args.batch})
   runtime = distribution.create_runtime('multi_worker' if args.mode == 'multi' else 'default',
                                         'float32', timeout_seconds=120)
   strategy = runtime.strategy
   rng = np.random.default_rng(0)
   n = args.steps * args.batch
-  images = rng.random((n, *config.image_size, 3), dtype=np.float32)
-  masks = rng.integers(0, NUM_CLASSES, (n, *config.image_size)).astype(np.uint8)
+  images = rng.random((n, *config.data.image_size, 3), dtype=np.float32)
+  masks = rng.integers(0, NUM_CLASSES, (n, *config.data.image_size)).astype(np.uint8)
   masks[:, :6, :5] = 255  # Void pixels, unevenly spread over examples below.
   masks[1::3, 10:, :] = 255
   keras.utils.set_random_seed(0)

@@ -48,7 +48,7 @@ def _source_masks(manifest, split):
 
 def test_train_batches_have_model_shapes_and_valid_labels(smoke_data):
   manifest = manifest_lib.read(str(smoke_data))
-  config = _config(image_size=(32, 48), batch_size=4)
+  config = _config(**{'data.image_size': (32, 48), 'data.batch_size': 4})
   batches = list(data.train_dataset(manifest, config, epoch=0))
   assert len(batches) == 6  # 24 examples / 4.
   for batch in batches:
@@ -65,7 +65,9 @@ def test_augmentation_never_invents_labels(smoke_data):
   manifest = manifest_lib.read(str(smoke_data))
   sources = _source_masks(manifest, 'train')
   all_labels = set().union(*(set(np.unique(m)) for m in sources.values()))
-  config = _config(image_size=(32, 32), batch_size=4, scale_min=0.5, scale_max=2.0)
+  config = _config(**{
+      'data.image_size': (32, 32), 'data.batch_size': 4, 'data.scale_min': 0.5,
+      'data.scale_max': 2.0})
   for batch in data.train_dataset(manifest, config, epoch=3):
     assert set(np.unique(batch['mask'].numpy())) <= all_labels | {255}
 
@@ -73,7 +75,7 @@ def test_augmentation_never_invents_labels(smoke_data):
 @pytest.mark.parametrize('cache_mb', [2048, 0], ids=['cached', 'streamed'])
 def test_epochs_differ_and_reruns_repeat(smoke_data, cache_mb):
   manifest = manifest_lib.read(str(smoke_data))
-  config = _config(batch_size=4, cache_decoded_mb=cache_mb)
+  config = _config(**{'data.batch_size': 4, 'runtime.cache_decoded_mb': cache_mb})
   first = [b['image'].numpy() for b in data.train_dataset(manifest, config, epoch=0)]
   again = [b['image'].numpy() for b in data.train_dataset(manifest, config, epoch=0)]
   other = [b['image'].numpy() for b in data.train_dataset(manifest, config, epoch=1)]
@@ -84,7 +86,7 @@ def test_epochs_differ_and_reruns_repeat(smoke_data, cache_mb):
 @pytest.mark.parametrize('cache_mb', [2048, 0], ids=['cached', 'streamed'])
 def test_skip_resumes_the_same_stream(smoke_data, cache_mb):
   manifest = manifest_lib.read(str(smoke_data))
-  config = _config(batch_size=4, cache_decoded_mb=cache_mb)
+  config = _config(**{'data.batch_size': 4, 'runtime.cache_decoded_mb': cache_mb})
   full = list(data.train_dataset(manifest, config, epoch=2))
   tail = list(data.train_dataset(manifest, config, epoch=2, skip_steps=4))
   assert len(tail) == len(full) - 4
@@ -97,7 +99,7 @@ def test_skip_resumes_the_same_stream(smoke_data, cache_mb):
 def test_one_dataset_of_several_epochs_is_the_epochs_in_a_row(smoke_data, cache_mb):
   """The trainer's single multi-epoch dataset = its per-epoch datasets, resume skip included."""
   manifest = manifest_lib.read(str(smoke_data))
-  config = _config(batch_size=4, cache_decoded_mb=cache_mb)
+  config = _config(**{'data.batch_size': 4, 'runtime.cache_decoded_mb': cache_mb})
   train_input = data.TrainInput(manifest, config)
   joined = list(train_input(epoch=1, skip_steps=2, num_epochs=3))
   parts = (list(train_input(epoch=1, skip_steps=2)) + list(train_input(epoch=2)) +
@@ -110,7 +112,7 @@ def test_one_dataset_of_several_epochs_is_the_epochs_in_a_row(smoke_data, cache_
 
 def test_a_multi_epoch_dataset_decodes_each_frame_once(smoke_data, decoded_ids):
   manifest = manifest_lib.read(str(smoke_data))
-  train_input = data.TrainInput(manifest, _config(batch_size=4))
+  train_input = data.TrainInput(manifest, _config(**{'data.batch_size': 4}))
   assert sum(1 for _ in train_input(num_epochs=3)) == 18
   assert len(decoded_ids) == 24 and set(decoded_ids.values()) == {1}
 
@@ -123,7 +125,7 @@ def test_eval_counts_every_example_exactly_once(smoke_data, num_pipelines, expec
   manifest = manifest_lib.read(str(smoke_data))
   share = data.pipeline_share(manifest, 'val', num_pipelines, 0)
   assert share.record_level == expect_record_level
-  config = _config(batch_size=2 * num_pipelines)
+  config = _config(**{'data.batch_size': 2 * num_pipelines})
   seen = collections.Counter()
   steps = set()
   valid_total = 0
@@ -148,7 +150,7 @@ def test_train_reads_every_example_once_per_epoch(smoke_data, num_pipelines, cac
                                                   decoded_ids):
   """Counts source ids through the real training pipeline (augmentation off the id path)."""
   manifest = manifest_lib.read(str(smoke_data))
-  config = _config(batch_size=2 * num_pipelines, cache_decoded_mb=cache_mb)
+  config = _config(**{'data.batch_size': 2 * num_pipelines, 'runtime.cache_decoded_mb': cache_mb})
   lengths = set()
   for i in range(num_pipelines):
     lengths.add(sum(1 for _ in data.train_dataset(manifest, config, _ctx(num_pipelines, i))))
@@ -158,7 +160,7 @@ def test_train_reads_every_example_once_per_epoch(smoke_data, num_pipelines, cac
 
 def test_eval_keeps_label_resolution(smoke_data):
   manifest = manifest_lib.read(str(smoke_data))
-  config = _config(image_size=(32, 32), batch_size=4)
+  config = _config(**{'data.image_size': (32, 32), 'data.batch_size': 4})
   batch = next(iter(data.eval_dataset(manifest, 'val', config)))
   assert batch['image'].shape == (4, 32, 32, 3)
   assert batch['mask'].shape == (4, 48, 64)
@@ -173,7 +175,8 @@ def test_cache_decodes_each_frame_once_across_epochs(smoke_data, decoded_ids):
   manifest = manifest_lib.read(str(smoke_data))
   for cache_mb, expected in ((2048, 1), (0, 3)):
     decoded_ids.clear()
-    train_input = data.TrainInput(manifest, _config(batch_size=4, cache_decoded_mb=cache_mb))
+    train_input = data.TrainInput(manifest, _config(**{
+        'data.batch_size': 4, 'runtime.cache_decoded_mb': cache_mb}))
     assert train_input.caches() == bool(cache_mb)
     for epoch in range(3):
       assert sum(1 for _ in train_input(epoch=epoch)) == 6
@@ -188,12 +191,14 @@ def _frame(height=36, width=48):
 
 
 def _plain(**kw):
-  return _config(hflip=False, brightness=0.0, contrast=0.0, saturation=0.0, **kw)
+  return _config(**{
+      'data.hflip': False, 'data.brightness': 0.0, 'data.contrast': 0.0,
+      'data.saturation': 0.0}, **kw)
 
 
 def test_augment_at_scale_one_is_the_whole_frame_resized():
   image, mask = _frame()
-  config = _plain(image_size=(24, 32), scale_min=1.0, scale_max=1.0)
+  config = _plain(**{'data.image_size': (24, 32), 'data.scale_min': 1.0, 'data.scale_max': 1.0})
   out = data.augment(tf.constant(image), tf.constant(mask), tf.constant([1, 2], tf.int64), config)
   want_mask = tf.image.resize(mask[..., None], (24, 32), method='nearest')[..., 0]
   # Shrinking by less than 2x (36x48 -> 24x32) uses plain bilinear.
@@ -204,7 +209,8 @@ def test_augment_at_scale_one_is_the_whole_frame_resized():
 
 def test_augment_antialiases_only_when_shrinking_more_than_2x():
   image, mask = _frame()
-  config = _plain(image_size=(12, 16), scale_min=1.0, scale_max=1.0)  # 3x smaller.
+  config = _plain(**{
+      'data.image_size': (12, 16), 'data.scale_min': 1.0, 'data.scale_max': 1.0})  # 3x smaller.
   out = data.augment(tf.constant(image), tf.constant(mask), tf.constant([1, 2], tf.int64), config)
   want_image = tf.image.resize(image / 255.0, (12, 16), antialias=True)
   np.testing.assert_allclose(out['image'].numpy(), want_image.numpy(), atol=1e-5)
@@ -225,7 +231,7 @@ def test_resize_nearest_matches_tf_image_resize(source, size):
 
 def test_augment_below_scale_one_pads_with_void():
   image, mask = _frame()
-  config = _plain(image_size=(24, 32), scale_min=0.5, scale_max=0.5)
+  config = _plain(**{'data.image_size': (24, 32), 'data.scale_min': 0.5, 'data.scale_max': 0.5})
   out = data.augment(tf.constant(image), tf.constant(mask), tf.constant([3, 4], tf.int64), config)
   want = tf.image.resize(mask[..., None], (12, 16), method='nearest')[..., 0].numpy()
   got = out['mask'].numpy()
@@ -237,7 +243,7 @@ def test_augment_below_scale_one_pads_with_void():
 def test_augment_above_scale_one_crops_the_scaled_frame():
   """At scale 2 every crop equals the same window of the frame resized to 2x image_size."""
   image, mask = _frame()
-  config = _plain(image_size=(18, 24), scale_min=2.0, scale_max=2.0)
+  config = _plain(**{'data.image_size': (18, 24), 'data.scale_min': 2.0, 'data.scale_max': 2.0})
   scaled = tf.image.resize(mask[..., None], (36, 48), method='nearest')[..., 0].numpy()
   windows = {scaled[t:t + 18, l:l + 24].tobytes() for t in range(19) for l in range(25)}
   for seed in range(5):
@@ -248,7 +254,9 @@ def test_augment_above_scale_one_crops_the_scaled_frame():
 
 def test_crop_size_sets_the_training_crop_but_not_the_scale():
   image, mask = _frame()
-  config = _plain(image_size=(24, 32), crop_size=(8, 16), scale_min=1.0, scale_max=1.0)
+  config = _plain(**{
+      'data.image_size': (24, 32), 'data.crop_size': (8, 16), 'data.scale_min': 1.0,
+      'data.scale_max': 1.0})
   whole = tf.image.resize(mask[..., None], (24, 32), method='nearest')[..., 0].numpy()
   windows = {whole[t:t + 8, l:l + 16].tobytes() for t in range(17) for l in range(17)}
   for seed in range(4):

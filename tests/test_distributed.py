@@ -180,7 +180,7 @@ def test_mirrored_on_two_logical_cpus_and_bfloat16(smoke_data, tmp_path):
   assert 'per replica 2' in proc.stdout
   config = json.loads((model_dir / 'config.json').read_text())
   assert config['resolved_precision'] == 'mixed_bfloat16' and config['num_replicas'] == 2
-  assert config['ema_momentum'] == 0.9
+  assert config['optimizer']['ema_momentum'] == 0.9
   metrics = json.loads((model_dir / 'metrics.json').read_text())
   assert metrics['num_examples'] == 6
 

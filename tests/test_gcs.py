@@ -192,7 +192,7 @@ def test_training_resumes_from_the_gcs_backup(faulty_gcs, gcs_model):
 def test_run_outputs_land_on_gcs(faulty_gcs, gcs_model):
   del gcs_model
   config = faulty_gcs.read_json(f'{MODEL}/config.json')
-  assert config['data_dir'] == DATA and config['epochs'] == 2
+  assert config['data_dir'] == DATA and config['trainer']['epochs'] == 2
   metrics = faulty_gcs.read_json(f'{MODEL}/metrics.json')
   assert metrics['num_examples'] == 6 and metrics['checkpoint'].startswith(f'{MODEL}/best/ckpt-')
   assert faulty_gcs.read_json(f'{MODEL}/export/labels.json')['classes'][3]['name'] == 'Road'

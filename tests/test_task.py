@@ -28,8 +28,8 @@ def test_smoke_run_end_to_end_then_evaluate(smoke_data, tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert 'epoch 2/2' in proc.stdout
   config = json.loads((model_dir / 'config.json').read_text())
-  assert config['image_size'] == [32, 32] and config['resolved_precision'] == 'float32'
-  assert config['strategy_used'] == 'default' and config['batch_size'] == 4
+  assert config['data']['image_size'] == [32, 32] and config['resolved_precision'] == 'float32'
+  assert config['strategy_used'] == 'default' and config['data']['batch_size'] == 4
   assert [row['epoch'] for row in _history(model_dir)] == ['0', '1']
 
   metrics = json.loads((model_dir / 'metrics.json').read_text())
@@ -73,7 +73,8 @@ def test_smoke_run_end_to_end_then_evaluate(smoke_data, tmp_path):
   errors = [line for line in proc.stderr.splitlines() if line.startswith('error:')]
   assert len(errors) == 1 and 'Traceback' not in proc.stderr, proc.stderr[-2000:]
   assert (f'{model_dir}/config.json: the checkpoint to resume was trained with other settings '
-          '(image_size 32x32 -> 64x64, learning_rate 0.01 -> 0.5)') in errors[0]
+          '(data.image_size 32x32 -> 64x64, optimizer.learning_rate 0.01 -> 0.5); rerun with the '
+          'same settings to resume it, or use a new --model_dir') in errors[0]
   assert (model_dir / 'config.json').read_text() == recorded
 
 
@@ -166,20 +167,29 @@ def test_summary_only_prints_the_keras_summary():
     (('--data_dir', '{empty}'), 'manifest.json: not found'),
     (('--config', 'nope'), 'unknown preset'),
     (('--image_size', '10by10'), '--image_size 10by10: expected HxW'),
-    (('--image_size', '30x30'), 'image_size: 30x30 must be positive multiples'),
-    (('--hparams_file', '{hparams}'), 'unknown keys dropuot'),
-    (('--batch_size', '0'), 'batch_size: 0 is out of range'),
+    (('--image_size', '30x30'), 'data.image_size: 30x30 must be positive multiples'),
+    (('--hparams_file', '{hparams}'), 'unknown key dropuot'),
+    (('--batch_size', '0'), 'data.batch_size: 0 is out of range'),
     (('--hparams_file', '{calibration}'), 'no split "tset" (has: '),
-    (('--hparams_file', '{heads}'), 'aux_loss_weight: 0.4 needs depth >= 2, not depth 1'),
+    (('--hparams_file', '{heads}'),
+     'loss.aux_loss_weight: 0.4 needs model.depth >= 2, not model.depth 1'),
+    (('--params_override', 'model.base_filterz=8'),
+     '--params_override: unknown key model.base_filterz (known in model: base_filters, '),
+    (('--params_override', 'model.depth=1,loss.aux_loss_weight=0.4,eval.scales=[0.5,1]'),
+     'loss.aux_loss_weight: 0.4 needs model.depth >= 2, not model.depth 1'),
+    (('--params_override', 'optimizer.learning_rate=fast'),
+     "--params_override: optimizer.learning_rate: expected float, got 'fast'"),
+    (('--params_override', '{overrides}'), 'data.image_size: 30x30 must be positive multiples'),
 ])
 def test_bad_input_fails_before_training(smoke_data, tmp_path, args, message):
   (tmp_path / 'empty').mkdir()
   (tmp_path / 'hparams.json').write_text('{"dropuot": 0.2}')
   (tmp_path / 'calibration.json').write_text('{"calibration_split": "tset"}')
   (tmp_path / 'heads.json').write_text('{"aux_loss_weight": 0.4, "depth": 1}')
+  (tmp_path / 'overrides.yaml').write_text('data:\n  image_size: [30, 30]\nmodel.depth: 2\n')
   paths = {'missing': tmp_path / 'missing', 'empty': tmp_path / 'empty',
            'hparams': tmp_path / 'hparams.json', 'calibration': tmp_path / 'calibration.json',
-           'heads': tmp_path / 'heads.json'}
+           'heads': tmp_path / 'heads.json', 'overrides': tmp_path / 'overrides.yaml'}
   args = [a.format(**paths) for a in args]
   if '--data_dir' not in args:
     args += ['--data_dir', str(smoke_data)]
@@ -329,7 +339,7 @@ def test_calibration_is_fitted_on_train_and_used_by_metrics_export_and_evaluate(
   assert one_scale['confusion_matrix'] != same['confusion_matrix'], (
       'degenerate test: the scales change no prediction')
   _evaluate_matches_the_export_on_a_test_only_data_dir(model_dir, tmp_path)
-  for value, problem in (('0', 'eval_scales: (0.0,) is out of range'),
+  for value, problem in (('0', 'eval.scales: (0.0,) is out of range'),
                          ('1,x', "'1,x' is not a comma-separated list of numbers")):
     proc = run_module('trainer.evaluate', '--model_dir', model_dir, '--data_dir', smoke_data,
                       '--eval_scales', value)

@@ -18,7 +18,8 @@ NAMES = [f'class{i}' for i in range(NUM_CLASSES)]
 @pytest.mark.parametrize('strength', [0.0, 1.0])
 def test_evaluation_scores_the_logit_adjusted_argmax(strength):
   """Val metrics count argmax(logits - strength * log(w)), the prediction the export serves."""
-  config = configs.get_config('smoke').replace(image_size=(16, 16), logit_adjustment=strength)
+  config = configs.get_config('smoke').replace(**{
+      'data.image_size': (16, 16), 'eval.logit_adjustment': strength})
   tf.keras.utils.set_random_seed(1)
   model = segmentation.build_model(config, NUM_CLASSES)
   rng = np.random.default_rng(0)
@@ -47,12 +48,13 @@ def test_training_model_fuses_batchnorm_on_one_replica(tmp_path):
 
   With the stride-2 stem, whose layers both builds must hold.
   """
-  config = configs.get_config('smoke').replace(sync_batchnorm=True, stem_stride=2)
+  config = configs.get_config('smoke').replace(**{
+      'model.sync_batchnorm': True, 'model.stem_stride': 2})
   tf.keras.utils.set_random_seed(1)
   training = segmentation.build_model(config, NUM_CLASSES, training=True)
   plain = segmentation.build_model(config, NUM_CLASSES)
   assert isinstance(training.get_layer('stem_bn1'), model_lib.FusedBatchNormalization)
-  assert plain.get_layer('stem_conv1').filters == config.base_filters
+  assert plain.get_layer('stem_conv1').filters == config.model.base_filters
   fused = [l for l in training.layers if isinstance(l, model_lib.FusedBatchNormalization)]
   assert fused and not any(isinstance(l, model_lib.FusedBatchNormalization)
                            for l in plain.layers)
@@ -95,15 +97,16 @@ def test_ema_run_validates_and_keeps_the_averaged_weights(smoke_data, tmp_path):
   The run also trains deep-supervision heads, which the backup holds and best/ does not.
   """
   from tfrecords_builder import manifest as manifest_lib  # pylint: disable=g-import-not-at-top
-  config = configs.get_config('smoke').replace(ema_momentum=0.9, epochs=2, eval_every_epochs=2,
-                                               aux_loss_weight=0.4)
+  config = configs.get_config('smoke').replace(**{
+      'optimizer.ema_momentum': 0.9, 'trainer.epochs': 2, 'eval.every_epochs': 2,
+      'loss.aux_loss_weight': 0.4})
   result = train.run(config, str(smoke_data), str(tmp_path), export=False, log=lambda *_: None)
   num_classes = manifest_lib.read(str(smoke_data)).num_classes
   model = segmentation.build_model(config, num_classes, training=True)
-  train_model = model_lib.with_auxiliary_heads(model, num_classes, config.depth)
+  train_model = model_lib.with_auxiliary_heads(model, num_classes, config.model.depth)
   optimizer = segmentation.make_optimizer(config, total_steps=12, steps_per_epoch=6)
   optimizer.build(train_model.trainable_variables)
-  average = averaging.WeightAverage(model, config.ema_momentum)
+  average = averaging.WeightAverage(model, config.optimizer.ema_momentum)
   tf.train.Checkpoint(model=model, optimizer=optimizer, train_model=train_model,
                       weight_average=average.variables).read(
       tf.train.latest_checkpoint(str(tmp_path / 'checkpoints'))).assert_existing_objects_matched()
@@ -121,11 +124,12 @@ def test_deep_supervision_adds_the_weighted_head_losses():
   Each head's cross-entropy is its mean over its own positions against the subsampled mask,
   so a head counts as much as the main output whatever its resolution.
   """
-  config = configs.get_config('smoke').replace(image_size=(16, 16), aux_loss_weight=0.4,
-                                               depth=3, warmup_epochs=0.0)
+  config = configs.get_config('smoke').replace(**{
+      'data.image_size': (16, 16), 'loss.aux_loss_weight': 0.4, 'model.depth': 3,
+      'optimizer.warmup_epochs': 0.0})
   tf.keras.utils.set_random_seed(2)
   model = segmentation.build_model(config, NUM_CLASSES, training=True)
-  train_model = model_lib.with_auxiliary_heads(model, NUM_CLASSES, config.depth)
+  train_model = model_lib.with_auxiliary_heads(model, NUM_CLASSES, config.model.depth)
   assert [o.shape[1] for o in train_model.outputs] == [16, 4, 8]  # Main, dec1, dec2.
   optimizer = segmentation.make_optimizer(config, total_steps=10, steps_per_epoch=5)
   optimizer.build(train_model.trainable_variables)
@@ -163,8 +167,9 @@ def test_jit_compiled_step_trains_like_the_plain_one():
            'mask': rng.integers(0, NUM_CLASSES, (2, 16, 16)).astype(np.int32)}
   results = []
   for jit in (False, True):
-    config = configs.get_config('smoke').replace(image_size=(16, 16), aux_loss_weight=0.4,
-                                                 depth=2, warmup_epochs=0.0, jit_compile=jit)
+    config = configs.get_config('smoke').replace(**{
+        'data.image_size': (16, 16), 'loss.aux_loss_weight': 0.4, 'model.depth': 2,
+        'optimizer.warmup_epochs': 0.0, 'runtime.jit_compile': jit})
     tf.keras.utils.set_random_seed(5)
     model, train_model, optimizer, average = segmentation.build_trainables(
         config, NUM_CLASSES, total_steps=10, steps_per_epoch=5)
@@ -180,8 +185,12 @@ def test_jit_compiled_step_trains_like_the_plain_one():
 
 
 def test_load_config_ignores_removed_options_left_off_and_refuses_used_ones(tmp_path):
-  """An old config.json may hold removed fields: at their old default the run is today's model."""
-  recorded = json.loads(configs.get_config('smoke').to_json())
+  """An old config.json may hold removed fields: at their old default the run is today's model.
+
+  Removed options only ever appeared in the flat config.json of runs from before the config
+  was grouped; one of them, `loss`, shares its key with today's `loss` group.
+  """
+  recorded = configs.to_flat(configs.get_config('smoke'))
   (tmp_path / 'config.json').write_text(json.dumps(
       recorded | configs.REMOVED_OPTIONS | {'num_replicas': 1}))
   assert train.load_config(str(tmp_path)) == configs.get_config('smoke')
@@ -190,3 +199,56 @@ def test_load_config_ignores_removed_options_left_off_and_refuses_used_ones(tmp_
     message = f'{tmp_path}/config.json: the run used {name} {json.dumps(value)}, removed from'
     with pytest.raises(ConfigError, match='^' + re.escape(message)):
       train.load_config(str(tmp_path))
+
+
+# An old flat config.json as train.run wrote it before the config was grouped (smoke preset,
+# plus the run facts), written out by hand: it must keep loading and resuming.
+OLD_FLAT_SMOKE = {
+    'base_filters': 4, 'depth': 2, 'dropout': 0.0, 'stem_stride': 1, 'sync_batchnorm': True,
+    'bn_momentum': 0.9, 'image_size': [32, 32], 'crop_size': None, 'batch_size': 4,
+    'scale_min': 0.75, 'scale_max': 1.5, 'hflip': True, 'brightness': 0.1, 'contrast': 0.1,
+    'saturation': 0.1, 'shuffle_buffer': 64, 'cache_decoded_mb': 2048, 'epochs': 2,
+    'steps_per_epoch': None, 'optimizer': 'adamw', 'learning_rate': 0.01, 'lr_scaling': 'none',
+    'base_batch_size': 8, 'weight_decay': 0.0001, 'lr_schedule': 'cosine', 'warmup_epochs': 0.0,
+    'clipnorm': None, 'ema_momentum': 0.0, 'class_weighting': 'none', 'max_class_weight': None,
+    'aux_loss_weight': 0.0, 'logit_adjustment': 0.0, 'calibration_split': None,
+    'early_stopping_patience': None, 'early_stopping_min_delta': 0.0, 'eval_flip': False,
+    'eval_scales': [1.0], 'eval_batch_size': None, 'eval_every_epochs': 1, 'seed': 42,
+    'mixed_precision': 'auto', 'strategy': 'auto', 'peer_timeout_seconds': 300,
+    'jit_compile': False, 'steps_per_loop': 2, 'backup_every_steps': 4, 'num_summary_images': 2,
+    'profile_steps': None, 'resolved_precision': 'float32', 'strategy_used': 'default',
+    'num_replicas': 1, 'num_workers': 1, 'data_dir': '/data', 'loss': 'ce', 'residual': False,
+}
+
+
+def test_old_flat_config_json_loads_as_the_nested_one_and_resumes(tmp_path):
+  smoke = configs.get_config('smoke')
+  old, new = tmp_path / 'old', tmp_path / 'new'
+  old.mkdir()
+  new.mkdir()
+  (old / 'config.json').write_text(json.dumps(OLD_FLAT_SMOKE))
+  facts = {k: OLD_FLAT_SMOKE[k] for k in train.RUN_FACTS}
+  (new / 'config.json').write_text(json.dumps(smoke.to_dict() | facts))
+  assert set(json.loads((new / 'config.json').read_text())) == (
+      set(configs.GROUPS) | {'seed', 'steps_per_epoch'} | set(train.RUN_FACTS))
+  assert train.load_config(str(old)) == train.load_config(str(new)) == smoke
+  for model_dir in (old, new):
+    # Resumable changes pass; the others are named by dotted path.
+    train.check_resumable(str(model_dir), smoke.replace(**{
+        'trainer.epochs': 5, 'eval.flip': True, 'runtime.strategy': 'default',
+        'eval.scales': (0.75, 1.0)}))
+    changed = smoke.replace(**{'data.image_size': (64, 64), 'optimizer.learning_rate': 0.5})
+    message = (f'{model_dir}/config.json: the checkpoint to resume was trained with other '
+               'settings (data.image_size 32x32 -> 64x64, optimizer.learning_rate 0.01 -> 0.5); '
+               'rerun with the same settings to resume it, or use a new --model_dir')
+    with pytest.raises(ConfigError, match='^' + re.escape(message) + '$'):
+      train.check_resumable(str(model_dir), changed)
+
+
+def test_load_config_refuses_a_misspelt_key_by_name(tmp_path):
+  values = configs.get_config('smoke').to_dict()
+  values['model']['base_filterz'] = values['model'].pop('base_filters')
+  (tmp_path / 'config.json').write_text(json.dumps(values))
+  with pytest.raises(ConfigError, match=re.escape(
+      f'{tmp_path}/config.json: unknown key model.base_filterz (known in model: base_filters, ')):
+    train.load_config(str(tmp_path))

@@ -91,9 +91,9 @@ def test_smoke_search_writes_results_and_tensorboard(search):
     trial_dir = output_dir / 'keras_tuner' / f'trial_{trial["trial_id"]}'
     assert trial['objective'] == pytest.approx(_json(trial_dir / 'metrics.json')['mean_iou'])
     config = _json(trial_dir / 'config.json')
-    assert config['dropout'] == trial['hyperparameters']['dropout']
-    assert config['learning_rate'] == trial['hyperparameters']['learning_rate']
-    assert config['epochs'] == 1 and config['strategy_used'] == 'default'
+    assert config['model']['dropout'] == trial['hyperparameters']['dropout']
+    assert config['optimizer']['learning_rate'] == trial['hyperparameters']['learning_rate']
+    assert config['trainer']['epochs'] == 1 and config['strategy_used'] == 'default'
 
   best = _json(output_dir / 'best_hparams.json')
   assert set(best) == TUNED and all(isinstance(v, float) for v in best.values())
@@ -140,8 +140,8 @@ def test_trainer_trains_with_best_hparams(search, smoke_data, tmp_path):
                     '--epochs', 1, '--hparams_file', output_dir / 'best_hparams.json')
   assert proc.returncode == 0, proc.stderr[-3000:]
   config = _json(model_dir / 'config.json')
-  assert config['dropout'] == best['dropout']
-  assert config['learning_rate'] == best['learning_rate']
+  assert config['model']['dropout'] == best['dropout']
+  assert config['optimizer']['learning_rate'] == best['learning_rate']
 
 
 def test_resuming_with_other_flags_is_one_error_line(search, smoke_data):
@@ -253,8 +253,9 @@ def test_hyperband_iteration_size_matches_keras_tuner(tmp_path):
   assert promoted
   values = promoted[0].hyperparameters.values
   config = space.trial_config(_smoke_config(), values, space.trial_epochs(values, 20))
-  assert config.epochs == values['tuner/epochs'] > values['tuner/initial_epoch']
-  assert config.learning_rate == values['learning_rate']
+  assert config.trainer.epochs == values['tuner/epochs'] > values['tuner/initial_epoch']
+  assert config.optimizer.learning_rate == values['learning_rate']
+  assert config.model.dropout == values['dropout']
 
 
 

@@ -96,7 +96,7 @@ def augment(image: tf.Tensor, mask: tf.Tensor, seed: tf.Tensor, config) -> dict:
 
   Returns:
     {'image': float32 [height, width, 3] in [0, 1], 'mask': uint8 [height, width]}, of size
-    config.crop_size (default image_size).
+    config.data.crop_size (default image_size).
   """
   example = geometric(image, mask, seed, config)
   batch = photometric({k: v[None] for k, v in example.items()})
@@ -107,7 +107,7 @@ def geometric(image: tf.Tensor, mask: tf.Tensor, seed: tf.Tensor, config) -> dic
   """Random scale and crop (void-padded), and this example's flip and colour-jitter draws.
 
   Geometrically this is: resize the frame to image_size * scale, pad it with void up to the
-  crop size (config.crop_size, default image_size), take a random crop of that size. It is
+  crop size (config.data.crop_size, default image_size), take a random crop of that size. It is
   computed the cheap way round: the crop window is found in source pixels first and only that
   window is resized, so the cost follows the output size, not the (larger) source frame.
   Flipping and colour jitter are only drawn here (seeded per example, so a resumed stream is
@@ -124,13 +124,13 @@ def geometric(image: tf.Tensor, mask: tf.Tensor, seed: tf.Tensor, config) -> dic
     {'image': float32 [height, width, 3] in pixel units [0, 255], 'mask': uint8 [height, width],
      'flip': bool [], 'jitter': float32 [3] (brightness delta, contrast and saturation factors)}.
   """
-  height, width = config.crop_size or config.image_size
+  height, width = config.data.crop_size or config.data.image_size
   seeds = tf.random.experimental.stateless_split(seed, num=7)
   source = tf.shape(image)[:2]
   # Scale 1 maps the whole frame onto image_size, the geometry evaluation uses.
-  scale = _uniform(seeds[0], config.scale_min, config.scale_max)
-  new_h = tf.cast(tf.round(config.image_size[0] * scale), tf.int32)
-  new_w = tf.cast(tf.round(config.image_size[1] * scale), tf.int32)
+  scale = _uniform(seeds[0], config.data.scale_min, config.data.scale_max)
+  new_h = tf.cast(tf.round(config.data.image_size[0] * scale), tf.int32)
+  new_w = tf.cast(tf.round(config.data.image_size[1] * scale), tf.int32)
   top = _uniform(seeds[1], 0, tf.maximum(new_h - height, 0) + 1, tf.int32)
   left = _uniform(seeds[2], 0, tf.maximum(new_w - width, 0) + 1, tf.int32)
   # The part of the crop the scaled frame covers; the rest (when scale < 1) is void padding.
@@ -157,12 +157,12 @@ def geometric(image: tf.Tensor, mask: tf.Tensor, seed: tf.Tensor, config) -> dic
       lambda: (image, mask))
   image.set_shape([height, width, 3])
   mask.set_shape([height, width])
-  flip = _uniform(seeds[3], 0.0, 1.0) < 0.5 if config.hflip else tf.constant(False)
+  aug = config.data
+  flip = _uniform(seeds[3], 0.0, 1.0) < 0.5 if aug.hflip else tf.constant(False)
   jitter = tf.stack([
-      _uniform(seeds[4], -config.brightness, config.brightness) if config.brightness else 0.0,
-      _uniform(seeds[5], 1 - config.contrast, 1 + config.contrast) if config.contrast else 1.0,
-      (_uniform(seeds[6], 1 - config.saturation, 1 + config.saturation)
-       if config.saturation else 1.0)])
+      _uniform(seeds[4], -aug.brightness, aug.brightness) if aug.brightness else 0.0,
+      _uniform(seeds[5], 1 - aug.contrast, 1 + aug.contrast) if aug.contrast else 1.0,
+      _uniform(seeds[6], 1 - aug.saturation, 1 + aug.saturation) if aug.saturation else 1.0])
   return {'image': image, 'mask': mask, 'flip': flip, 'jitter': jitter}
 
 
@@ -228,7 +228,7 @@ def _source_range(start: tf.Tensor, length: tf.Tensor, scaled: tf.Tensor,
 
 def _void_example(config, label_size=None, valid=None, crop=False):
   """An all-void example; crop=True gives geometric()'s training crop with no flip or jitter."""
-  height, width = (config.crop_size if crop else None) or config.image_size
+  height, width = (config.data.crop_size if crop else None) or config.data.image_size
   label_size = label_size or (height, width)
   element = {'image': tf.zeros([height, width, 3], tf.float32),
              'mask': tf.fill(label_size, tf.constant(features.IGNORE_LABEL, tf.uint8))}
@@ -243,10 +243,10 @@ class TrainInput:
   """Builds each epoch's training stream; keeps decoded frames in memory across epochs.
 
   Decoding a 480x360 PNG costs more than all the augmentation after it, so when a pipeline's
-  share of the train split fits in config.cache_decoded_mb the decoded uint8 frames are kept
-  (tf.data's in-memory cache, filled during the first epoch and shared by the datasets of later
-  epochs, which is why one object must build them all) and each epoch is a seeded permutation
-  of them. Larger data is streamed from the shards every epoch instead.
+  share of the train split fits in config.runtime.cache_decoded_mb the decoded uint8 frames are
+  kept (tf.data's in-memory cache, filled during the first epoch and shared by the datasets of
+  later epochs, which is why one object must build them all) and each epoch is a seeded
+  permutation of them. Larger data is streamed from the shards every epoch instead.
   """
 
   def __init__(self, manifest: Manifest, config):
@@ -269,7 +269,7 @@ class TrainInput:
 
   def caches(self, num_pipelines: int = 1) -> bool:
     need = self.cache_bytes(num_pipelines)
-    return need is not None and need <= self._config.cache_decoded_mb * 2**20
+    return need is not None and need <= self._config.runtime.cache_decoded_mb * 2**20
 
   def __call__(self, ctx: tf.distribute.InputContext | None = None, epoch: int = 0,
                skip_steps: int = 0, num_epochs: int = 1) -> tf.data.Dataset:
@@ -289,9 +289,9 @@ class TrainInput:
     """
     manifest, config = self._manifest, self._config
     ctx = _context(ctx)
-    per_replica = ctx.get_per_replica_batch_size(config.batch_size)
+    per_replica = ctx.get_per_replica_batch_size(config.data.batch_size)
     per_pipeline = per_replica * (ctx.num_replicas_in_sync // ctx.num_input_pipelines)
-    steps = config.steps_per_epoch or steps_per_pass(manifest, 'train', config.batch_size,
+    steps = config.steps_per_epoch or steps_per_pass(manifest, 'train', config.data.batch_size,
                                                      ctx.num_input_pipelines)
     share = pipeline_share(manifest, 'train', ctx.num_input_pipelines, ctx.input_pipeline_id)
     # All frames in memory: the shuffle is a full permutation of the share.
@@ -308,7 +308,7 @@ class TrainInput:
       if cached is not None:
         examples, buffer = cached, max(share.num_examples, 1)
       else:
-        examples, buffer = _records(share, ctx, shuffle_seed=seed), config.shuffle_buffer
+        examples, buffer = _records(share, ctx, shuffle_seed=seed), config.runtime.shuffle_buffer
       if config.steps_per_epoch:
         examples = examples.repeat()  # A fixed number of steps may span several passes.
       examples = examples.shuffle(buffer, seed=seed)
@@ -356,7 +356,7 @@ def eval_global_batch(manifest: Manifest, split: str, config, num_replicas: int)
   if manifest.split(split).get('image_size') is None:
     # Frames of different sizes cannot share a batch at label resolution: one per replica.
     return num_replicas
-  return config.eval_batch_size or config.batch_size
+  return config.eval.batch_size or config.data.batch_size
 
 
 def eval_steps(manifest: Manifest, split: str, config, num_replicas: int,
@@ -370,7 +370,7 @@ def eval_dataset(manifest: Manifest, split: str, config,
                  with_source_ids: bool = False) -> tf.data.Dataset:
   """Per-replica eval batches {'image' (model size), 'mask' (label size), 'valid'}.
 
-  Images are resized to config.image_size for the model; masks stay at label resolution so
+  Images are resized to config.data.image_size for the model; masks stay at label resolution so
   metrics are computed there (predictions are resized up, never labels down). Padding examples
   have valid=False and all-void masks.
   """
@@ -385,7 +385,7 @@ def eval_dataset(manifest: Manifest, split: str, config,
   def decode(record):
     example = features.parse_example(record)
     image = tf.image.convert_image_dtype(example['image'], tf.float32)
-    image = tf.image.resize(image, config.image_size, method='bilinear', antialias=True)
+    image = tf.image.resize(image, config.data.image_size, method='bilinear', antialias=True)
     element = {'image': image, 'mask': example['mask'], 'valid': tf.constant(True)}
     if with_source_ids:
       element['source_id'] = example['source_id']
@@ -411,7 +411,7 @@ def first_examples(manifest: Manifest, split: str, config, count: int) -> list[d
   for record in records:
     example = features.parse_example(record)
     image = tf.image.convert_image_dtype(example['image'], tf.float32)
-    out.append({'image': tf.image.resize(image, config.image_size, antialias=True).numpy(),
+    out.append({'image': tf.image.resize(image, config.data.image_size, antialias=True).numpy(),
                 'mask': example['mask'].numpy(),
                 'source_id': example['source_id'].numpy().decode()})
   return out

@@ -14,11 +14,11 @@ void excluded, classes absent from labels and predictions left out of the means.
 --output, or prints it. `--logit_adjustment` scores the same checkpoint with another strength of
 the prediction-time logit adjustment than the run's (trainer/configs/base.py), e.g. to choose it
 on the train split; the report records the value used. `--eval_scales` likewise replaces the
-run's test-time scales (config eval_scales); pair it with `--calibration_split`, since a
+run's test-time scales (config eval.scales); pair it with `--calibration_split`, since a
 calibration fitted under other scales no longer fits.
 
-A run trained with `calibration_split` predicts with the per-class decision biases it fitted
-(model_dir/calibration.json records the fit, trainer/calibration.py), unless
+A run trained with `eval.calibration_split` predicts with the per-class decision biases it
+fitted (model_dir/calibration.json records the fit, trainer/calibration.py), unless
 `--logit_adjustment` asks for the plain adjustment. `--calibration_split` fits such biases
 afresh on another split of the data dir (starting from the run's logit adjustment), e.g. for a
 run trained without it; nothing is written to model_dir. The report's "calibration" says which
@@ -41,8 +41,8 @@ _DATA_DIR = flags.DEFINE_string('data_dir', None, 'A tfrecords_builder output di
 _SPLIT = flags.DEFINE_string('split', 'val', 'Split to evaluate (train, val or test).')
 _OUTPUT = flags.DEFINE_string('output', None, 'Where to write the JSON report (default: stdout).')
 _LOGIT_ADJUSTMENT = flags.DEFINE_float(
-    'logit_adjustment', None, 'Override the run\'s logit_adjustment (0 = plain argmax of the '
-    'class-weighted model; 1 = the whole log(class weight) shift removed); ignores the run\'s '
+    'logit_adjustment', None, 'Override the run\'s eval.logit_adjustment (0 = plain argmax of '
+    'the class-weighted model; 1 = the whole log(class weight) shift removed); ignores the run\'s '
     'calibration.json.')
 _CALIBRATION_SPLIT = flags.DEFINE_string(
     'calibration_split', None, 'Fit per-class decision biases on this split (e.g. train) before '
@@ -82,13 +82,14 @@ def evaluate_model_dir(model_dir: str, data_dir: str, split: str,
   """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from tfrecords_builder import manifest as manifest_lib  # pylint: disable=g-import-not-at-top
-  from trainer import calibration, distribution, losses, posttrain, train  # pylint: disable=g-import-not-at-top
+  # pylint: disable=g-import-not-at-top
+  from trainer import calibration, distribution, losses, posttrain, train
   model_dir = model_dir.rstrip('/')
   config = train.load_config(model_dir)
   spec = read_spec(model_dir)
   if eval_scales is not None:
     config = _with_scales(config, eval_scales)
-    spec = spec.replace(scales=config.eval_scales)
+    spec = spec.replace(scales=config.eval.scales)
   manifest = manifest_lib.read(data_dir.rstrip('/'))
   manifest.split(split)
   if calibration_split:
@@ -101,7 +102,7 @@ def evaluate_model_dir(model_dir: str, data_dir: str, split: str,
   if not checkpoint:
     raise ConfigError(f'{model_dir}: no checkpoint yet (best/ or checkpoints/); train first')
   if (logit_adjustment or calibration_split) and spec.class_weights is None and (
-      config.class_weighting != 'none'):
+      config.loss.class_weighting != 'none'):
     raise ConfigError(f'{model_dir}: its inference spec predates recorded class weights; '
                       '--logit_adjustment and --calibration_split need them')
   adjusted = lambda strength: losses.logit_adjustment_bias(spec.class_weights, strength)
@@ -111,17 +112,17 @@ def evaluate_model_dir(model_dir: str, data_dir: str, split: str,
   if logit_adjustment is not None:
     spec, used = spec.replace(bias=_tuple(adjusted(logit_adjustment))), None
   kind = 'mirrored' if len(tf.config.list_physical_devices('GPU')) > 1 else 'default'
-  runtime = distribution.create_runtime(kind, config.mixed_precision)
+  runtime = distribution.create_runtime(kind, config.runtime.mixed_precision)
   with runtime.strategy.scope():
     model = posttrain.restore_model(config, spec, checkpoint)
   if calibration_split:
-    start = spec.replace(bias=_tuple(adjusted(config.logit_adjustment)))
+    start = spec.replace(bias=_tuple(adjusted(config.eval.logit_adjustment)))
     record = calibration.calibrate(model, manifest, calibration_split, config, start)
     spec = spec.replace(bias=tuple(record['bias']))
     used = {'source': f'fitted on {calibration_split}', 'bias': record['bias']}
   result = posttrain.evaluate_model(model, config, spec, manifest, split, runtime)
   result['checkpoint'] = checkpoint
-  result['logit_adjustment'] = (config.logit_adjustment if logit_adjustment is None
+  result['logit_adjustment'] = (config.eval.logit_adjustment if logit_adjustment is None
                                 else logit_adjustment)
   result['calibration'] = used
   result['eval_scales'] = list(spec.scales)
@@ -136,7 +137,7 @@ def _with_scales(config, eval_scales):
   from trainer import configs  # pylint: disable=g-import-not-at-top
   try:
     # Its errors already start with the source, '--eval_scales: '.
-    config = configs.override(config, {'eval_scales': list(eval_scales)}, '--eval_scales')
+    config = configs.override(config, {'eval.scales': list(eval_scales)}, '--eval_scales')
   except ValueError as e:
     raise ConfigError(str(e)) from None
   try:

@@ -57,8 +57,8 @@ def finish(config, spec: inference.Spec, manifest, model_dir: str, checkpoint: s
   """
   model = restore_model(config, spec, checkpoint)
   uncalibrated = None
-  if config.calibration_split:
-    record = calibration.calibrate(model, manifest, config.calibration_split, config, spec)
+  if config.eval.calibration_split:
+    record = calibration.calibrate(model, manifest, config.eval.calibration_split, config, spec)
     calibration.write(model_dir, record)
     change = np.asarray(record['bias']) - np.asarray(record['initial_bias'])
     # None when the split has no labelled pixels (the bias then stays at its start).
@@ -73,7 +73,7 @@ def finish(config, spec: inference.Spec, manifest, model_dir: str, checkpoint: s
   result = evaluate_model(model, config, spec, manifest, 'val')
   result['checkpoint'] = checkpoint
   if uncalibrated is not None:
-    result['calibration_split'] = config.calibration_split
+    result['calibration_split'] = config.eval.calibration_split
     result['uncalibrated'] = {k: uncalibrated[k] for k in ('mean_iou', 'pixel_accuracy')}
     log(f'val without calibration: mIoU {uncalibrated["mean_iou"]:.4f}, pixel accuracy '
         f'{uncalibrated["pixel_accuracy"]:.4f}')

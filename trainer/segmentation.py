@@ -35,51 +35,53 @@ def build_model(config: configs.Config, num_classes: int, training: bool = False
   the plain Keras layer.
   """
   replicas = tf.distribute.get_strategy().num_replicas_in_sync
-  fused = training and not (config.sync_batchnorm and replicas > 1)
-  return model_lib.build_unet(num_classes, image_size=config.image_size,
-                              base_filters=config.base_filters, depth=config.depth,
-                              dropout=config.dropout,
-                              sync_batchnorm=config.sync_batchnorm and not fused,
+  fused = training and not (config.model.sync_batchnorm and replicas > 1)
+  return model_lib.build_unet(num_classes, image_size=config.data.image_size,
+                              base_filters=config.model.base_filters, depth=config.model.depth,
+                              dropout=config.model.dropout,
+                              sync_batchnorm=config.model.sync_batchnorm and not fused,
                               fused_batchnorm=fused,
-                              any_size=((training and config.crop_size is not None) or
-                                        config.eval_scales != (1.0,)),
-                              bn_momentum=config.bn_momentum, stem_stride=config.stem_stride)
+                              any_size=((training and config.data.crop_size is not None) or
+                                        config.eval.scales != (1.0,)),
+                              bn_momentum=config.model.bn_momentum,
+                              stem_stride=config.model.stem_stride)
 
 
 def size_multiple(config: configs.Config) -> int:
-  return model_lib.size_multiple(config.stem_stride, config.depth)
+  return model_lib.size_multiple(config.model.stem_stride, config.model.depth)
 
 
 def class_weights_for(config: configs.Config, manifest) -> np.ndarray | None:
-  if config.class_weighting == 'none':
+  if config.loss.class_weighting == 'none':
     return None
   return losses.class_weights_from_counts(manifest.split('train')['class_pixel_counts'],
-                                          config.class_weighting, config.max_class_weight)
+                                          config.loss.class_weighting, config.loss.max_class_weight)
 
 
 def peak_learning_rate(config: configs.Config) -> float:
-  if config.lr_scaling == 'linear':
-    return config.learning_rate * config.batch_size / config.base_batch_size
-  return config.learning_rate
+  if config.optimizer.lr_scaling == 'linear':
+    return (config.optimizer.learning_rate * config.data.batch_size /
+            config.optimizer.base_batch_size)
+  return config.optimizer.learning_rate
 
 
 def make_optimizer(config: configs.Config, total_steps: int,
                    steps_per_epoch: int) -> keras.optimizers.Optimizer:
   """Optimizer and schedule from the config (warm-up, then cosine decay to zero)."""
   peak = peak_learning_rate(config)
-  warmup = min(int(round(config.warmup_epochs * steps_per_epoch)), total_steps - 1)
-  if config.lr_schedule == 'cosine':
+  warmup = min(int(round(config.optimizer.warmup_epochs * steps_per_epoch)), total_steps - 1)
+  if config.optimizer.lr_schedule == 'cosine':
     schedule = keras.optimizers.schedules.CosineDecay(
         initial_learning_rate=0.0 if warmup else peak, decay_steps=max(total_steps - warmup, 1),
         warmup_target=peak if warmup else None, warmup_steps=warmup)
   else:
     schedule = peak
-  common = {'learning_rate': schedule, 'clipnorm': config.clipnorm}
-  if config.optimizer == 'adamw':
-    optimizer = keras.optimizers.AdamW(weight_decay=config.weight_decay, **common)
+  common = {'learning_rate': schedule, 'clipnorm': config.optimizer.clipnorm}
+  if config.optimizer.name == 'adamw':
+    optimizer = keras.optimizers.AdamW(weight_decay=config.optimizer.weight_decay, **common)
     # Decaying BatchNorm scales/offsets and biases only fights the normalisation.
     optimizer.exclude_from_weight_decay(var_names=['gamma', 'beta', 'bias'])
-  elif config.optimizer == 'adam':
+  elif config.optimizer.name == 'adam':
     optimizer = keras.optimizers.Adam(**common)
   else:
     optimizer = keras.optimizers.SGD(momentum=0.9, nesterov=True, **common)
@@ -98,12 +100,12 @@ def build_trainables(config: configs.Config, num_classes: int, total_steps: int,
   only in `train_model`: best/ and the export hold `model` alone.
   """
   model = build_model(config, num_classes, training=True)
-  train_model = (model_lib.with_auxiliary_heads(model, num_classes, config.depth)
-                 if config.aux_loss_weight else None)
+  train_model = (model_lib.with_auxiliary_heads(model, num_classes, config.model.depth)
+                 if config.loss.aux_loss_weight else None)
   optimizer = make_optimizer(config, total_steps, steps_per_epoch)
   optimizer.build((train_model or model).trainable_variables)
-  average = (averaging.WeightAverage(model, config.ema_momentum) if config.ema_momentum
-             else None)
+  momentum = config.optimizer.ema_momentum
+  average = averaging.WeightAverage(model, momentum) if momentum else None
   return model, train_model, optimizer, average
 
 
@@ -113,13 +115,13 @@ def inference_spec(config: configs.Config, class_names, class_weights=None, clas
 
   The bias is the config's logit adjustment of the weights; colours default to black.
   """
-  bias = losses.logit_adjustment_bias(class_weights, config.logit_adjustment)
+  bias = losses.logit_adjustment_bias(class_weights, config.eval.logit_adjustment)
   floats = lambda values: None if values is None else tuple(float(v) for v in values)
   return inference.Spec(
       class_names=tuple(class_names),
       class_colors=tuple(tuple(c) for c in (class_colors or [(0, 0, 0)] * len(class_names))),
-      image_size=tuple(config.image_size), size_multiple=size_multiple(config),
-      flip=config.eval_flip, scales=tuple(config.eval_scales), bias=floats(bias),
+      image_size=tuple(config.data.image_size), size_multiple=size_multiple(config),
+      flip=config.eval.flip, scales=tuple(config.eval.scales), bias=floats(bias),
       class_weights=floats(class_weights), ignore_label=ignore_label)
 
 
@@ -179,7 +181,7 @@ def make_steps(model, optimizer, strategy, config, spec: inference.Spec, train_m
   def train_step(batch):
     with tf.GradientTape() as tape:
       loss, loss_sum, weight_sum, logits = training_loss(
-          model, train_model, batch, class_weights, config.aux_loss_weight)
+          model, train_model, batch, class_weights, config.loss.aux_loss_weight)
       scaled = optimizer.scale_loss(loss) if scale_loss else loss
     variables = (train_model or model).trainable_variables
     optimizer.apply_gradients(zip(tape.gradient(scaled, variables), variables))
@@ -199,7 +201,8 @@ def make_steps(model, optimizer, strategy, config, spec: inference.Spec, train_m
 
   # XLA compiles the replica's step, not the loop around it: the loop reads the input
   # iterator, which XLA has no kernel for (IteratorGetNext).
-  replica_step = tf.function(train_step, jit_compile=True) if config.jit_compile else train_step
+  replica_step = (tf.function(train_step, jit_compile=True) if config.runtime.jit_compile
+                  else train_step)
   after_step = (lambda: average.update(optimizer.iterations)) if average is not None else None
   cm_zeros = tf.zeros([num_classes] * 2, tf.int64)
   return Steps(
@@ -251,7 +254,7 @@ class SegmentationTask:
                                              spec.class_names, spec.class_colors)
     # Every worker predicts the fixed frames (reading BatchNorm's sync-on-read statistics is a
     # collective under MultiWorkerMirroredStrategy); only the chief's writer records them.
-    self.fixed_frames = data.first_examples(manifest, 'val', config, config.num_summary_images)
+    self.fixed_frames = data.first_examples(manifest, 'val', config, config.eval.num_summary_images)
     self.train_input = data.TrainInput(manifest, config)
 
   def describe_input(self) -> str:
@@ -259,11 +262,11 @@ class SegmentationTask:
     mib = (self.train_input.cache_bytes(self.runtime.num_workers) or 0) / 2**20
     return (f'train frames: {"decoded once, kept in memory" if cached else "decoded every epoch"}'
             f' ({mib:.0f} MiB decoded per worker; cache_decoded_mb '
-            f'{self.config.cache_decoded_mb})')
+            f'{self.config.runtime.cache_decoded_mb})')
 
   def train_iterator(self, epoch: int, start_step: int):
     """One iterator over all remaining epochs, the first shortened by the steps already done."""
-    epochs = self.config.epochs - epoch
+    epochs = self.config.trainer.epochs - epoch
     return iter(self.runtime.strategy.distribute_datasets_from_function(
         lambda ctx: self.train_input(ctx, epoch, start_step, epochs)))
 
@@ -285,7 +288,7 @@ class SegmentationTask:
                       list(self.spec.class_names))
     if self.fixed_frames:
       images = np.stack([f['image'] for f in self.fixed_frames])
-      predictions = inference.predict(self.model, images, self.spec, self.config.image_size)
+      predictions = inference.predict(self.model, images, self.spec, self.config.data.image_size)
       self.summaries.overlays(epoch, self.fixed_frames, list(predictions.numpy()))
     return result
 

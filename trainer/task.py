@@ -31,14 +31,21 @@ _IMAGE_SIZE = flags.DEFINE_string('image_size', None, 'Model input HxW, e.g. 256
 _SEED = flags.DEFINE_integer('seed', None, 'Seed for shuffling, augmentation and init.')
 _STEPS_PER_EPOCH = flags.DEFINE_integer('steps_per_epoch', None,
                                         'Fixed steps per epoch (default: one pass over train).')
-_HPARAMS_FILE = flags.DEFINE_string('hparams_file', None, 'JSON object of config overrides, e.g. '
-                                    'the tuner\'s best_hparams.json; flags win over it.')
-_STRATEGY = flags.DEFINE_enum('strategy', None, ['auto', 'default', 'mirrored', 'multi_worker'],
-                              'Distribution strategy (default auto: TF_CONFIG -> multi_worker, '
+_HPARAMS_FILE = flags.DEFINE_string('hparams_file', None, 'JSON object of config overrides (flat '
+                                    'names such as the tuner\'s best_hparams.json, dotted or '
+                                    'nested keys); --params_override and flags win over it.')
+_PARAMS_OVERRIDE = flags.DEFINE_string(
+    'params_override', None, 'Config overrides by dotted key: comma-separated key=value pairs '
+    '(YAML values), e.g. model.base_filters=32,optimizer.learning_rate=3e-4,eval.scales=[0.75,1], '
+    'or a .yaml/.yml/.json file of nested or dotted keys. Applied after --hparams_file, before '
+    'the shorthand flags.')
+_STRATEGY = flags.DEFINE_enum('strategy', None, list(configs.choices('runtime.strategy')),
+                              'runtime.strategy (default auto: TF_CONFIG -> multi_worker, '
                               'several GPUs -> mirrored, else default).')
 _MIXED_PRECISION = flags.DEFINE_enum(
-    'mixed_precision', None, ['auto', 'float32', 'mixed_float16', 'mixed_bfloat16'],
-    'auto: bf16 on GPUs with compute capability >= 8, fp16 on older GPUs, fp32 on CPU.')
+    'mixed_precision', None, list(configs.choices('runtime.mixed_precision')),
+    'runtime.mixed_precision; auto: bf16 on GPUs with compute capability >= 8, fp16 on older '
+    'GPUs, fp32 on CPU.')
 _PROFILE_STEPS = flags.DEFINE_string('profile_steps', None, 'FIRST,LAST global steps to trace '
                                      'with the TensorBoard profiler (model_dir/logs/profile).')
 _SUMMARY_ONLY = flags.DEFINE_bool('summary_only', False,
@@ -51,25 +58,37 @@ _DEMO_DIR = flags.DEFINE_string('demo_dir', '/tmp/camvid-seg-demo', 'Where the n
                                 'writes its scenes, TFRecords and model.')
 
 
+# The shorthand flags and the config fields they set.
+SHORTHANDS = {
+    'epochs': 'trainer.epochs', 'batch_size': 'data.batch_size',
+    'learning_rate': 'optimizer.learning_rate', 'dropout': 'model.dropout',
+    'image_size': 'data.image_size', 'seed': 'seed', 'steps_per_epoch': 'steps_per_epoch',
+    'strategy': 'runtime.strategy', 'mixed_precision': 'runtime.mixed_precision',
+    'profile_steps': 'trainer.profile_steps',
+}
+
+
 def resolve_config(preset: str) -> configs.Config:
-  """Preset, then --hparams_file, then explicit flags."""
+  """Preset, then --hparams_file, then --params_override, then the shorthand flags."""
   try:
     config = configs.get_config(preset)
     if _HPARAMS_FILE.value:
       config = configs.override(config, _read_hparams(_HPARAMS_FILE.value),
                                 f'--hparams_file {_HPARAMS_FILE.value}')
-    overrides = {name: flag.value for name, flag in (
-        ('epochs', _EPOCHS), ('batch_size', _BATCH_SIZE), ('learning_rate', _LEARNING_RATE),
-        ('dropout', _DROPOUT), ('seed', _SEED), ('steps_per_epoch', _STEPS_PER_EPOCH),
-        ('strategy', _STRATEGY), ('mixed_precision', _MIXED_PRECISION)) if flag.value is not None}
+    if _PARAMS_OVERRIDE.value:
+      config = configs.override(config, _read_params_override(_PARAMS_OVERRIDE.value),
+                                '--params_override')
+    values = {name: flags.FLAGS[name].value for name in SHORTHANDS}
+    values['image_size'] = values['profile_steps'] = None  # Strings, parsed here:
     if _IMAGE_SIZE.value:
-      overrides['image_size'] = sizes.parse_hxw(_IMAGE_SIZE.value, '--image_size')
+      values['image_size'] = sizes.parse_hxw(_IMAGE_SIZE.value, '--image_size')
     if _PROFILE_STEPS.value:
       try:
-        overrides['profile_steps'] = tuple(int(v) for v in _PROFILE_STEPS.value.split(','))
+        values['profile_steps'] = tuple(int(v) for v in _PROFILE_STEPS.value.split(','))
       except ValueError:
         raise errors.ConfigError(
             f'--profile_steps {_PROFILE_STEPS.value}: expected FIRST,LAST') from None
+    overrides = {SHORTHANDS[name]: value for name, value in values.items() if value is not None}
     config = configs.override(config, overrides, 'flags')
     configs.validate(config)
   except ValueError as e:
@@ -91,6 +110,21 @@ def _read_hparams(path: str) -> dict:
   if not isinstance(values, dict):
     raise errors.ConfigError(f'--hparams_file {path}: expected a JSON object of config overrides')
   return values
+
+
+def _read_params_override(value: str) -> dict:
+  """--params_override's mapping: key=value pairs, or a .yaml/.yml/.json file's contents."""
+  if not configs.is_params_file(value):
+    return configs.parse_params_override(value, '--params_override')
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from camvid_common import fileio  # pylint: disable=g-import-not-at-top
+  fileio.check_bucket(value, '--params_override')
+  try:
+    with tf.io.gfile.GFile(value) as f:
+      text = f.read()
+  except tf.errors.NotFoundError:
+    raise errors.ConfigError(f'--params_override {value}: not found') from None
+  return configs.parse_params_file(text, f'--params_override {value}')
 
 
 def summary_only(config: configs.Config) -> None:

@@ -1,4 +1,4 @@
-"""Trains one run: a config and a data dir in, a model_dir out; wires the task, loop and post-training.
+"""Trains one run (a config and a data dir in, a model_dir out): the task, loop, post-training.
 
 Every strategy (default, MirroredStrategy, MultiWorkerMirroredStrategy) runs the same code:
 trainer/segmentation.py builds what to train, trainer/loop.py runs the epochs with resumable
@@ -16,7 +16,6 @@ model_dir layout:
   export/                model.keras, serving/ SavedModel, labels.json
 """
 
-import dataclasses
 import json
 import logging
 
@@ -36,46 +35,50 @@ from trainer import posttrain
 from trainer import segmentation
 
 CONFIG_NAME = 'config.json'
-# Fields a resumed run may change: how it runs, how long, and how it predicts, but not what the
-# checkpoint learned from (model, data, optimiser, loss, seed). `epochs` extends a run.
-RESUMABLE_CHANGES = frozenset({
-    'epochs', 'strategy', 'mixed_precision', 'peer_timeout_seconds', 'jit_compile',
-    'steps_per_loop', 'backup_every_steps', 'num_summary_images', 'profile_steps',
-    'cache_decoded_mb', 'shuffle_buffer', 'eval_batch_size', 'eval_every_epochs',
-    'early_stopping_patience', 'early_stopping_min_delta', 'eval_flip', 'eval_scales',
-    'logit_adjustment', 'calibration_split'})
+# Keys train.run adds to config.json besides the config: facts of the run, not settings.
+RUN_FACTS = ('resolved_precision', 'strategy_used', 'num_replicas', 'num_workers', 'data_dir')
 
 
 def load_config(model_dir: str) -> configs.Config:
   """The resolved config a run recorded in model_dir/config.json (run facts dropped).
 
-  Keys of removed options (configs.REMOVED_OPTIONS) are dropped when they hold the value that
-  meant "off"; a run that used one trained a model this trainer cannot build, so it is refused.
+  Reads the nested config.json and the flat one of runs from before the config was grouped
+  (its keys through configs.FLAT_NAMES). Keys of removed options (configs.REMOVED_OPTIONS) are
+  dropped when they hold the value that meant "off"; a run that used one trained a model this
+  trainer cannot build, so it is refused.
   """
   path = f'{model_dir.rstrip("/")}/{CONFIG_NAME}'
   if not tf.io.gfile.exists(path):
     raise ConfigError(f'{path}: not found; is {model_dir} a trainer model_dir?')
   with tf.io.gfile.GFile(path) as f:
     values = json.load(f)
-  used = [f'{k} {json.dumps(values[k])}' for k, off in configs.REMOVED_OPTIONS.items()
-          if k in values and values[k] != off]
+  # A flat file's removed `loss: "ce"` shares its key with the nested file's `loss` group.
+  removed = {k: v for k, v in values.items() if k in configs.REMOVED_OPTIONS and
+             not (k in configs.GROUPS and isinstance(v, dict))}
+  used = [f'{k} {json.dumps(v)}' for k, v in removed.items() if v != configs.REMOVED_OPTIONS[k]]
   if used:
     raise ConfigError(f'{path}: the run used {", ".join(used)}, removed from the trainer '
                       '(docs/experiments.md); it cannot be resumed or evaluated by this version')
-  return configs.override(configs.Config(),
-                          {k: v for k, v in values.items() if k in configs.FIELDS}, path)
+  try:
+    return configs.override(configs.Config(), {
+        k: v for k, v in values.items() if k not in removed and k not in RUN_FACTS}, path)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
 
 
 def check_resumable(model_dir: str, config: configs.Config) -> None:
   """Refuses to resume model_dir's checkpoint under a config that trains something else.
 
-  Without this a rerun with other settings would silently continue the old weights and then
-  overwrite config.json, which would no longer say how the reported model was trained.
+  Only fields of groups that are not RESUMABLE count (model, data, optimizer, loss and the
+  top-level ones: what the checkpoint learned from). Without this a rerun with other settings
+  would silently continue the old weights and then overwrite config.json, which would no longer
+  say how the reported model was trained.
   """
   recorded = load_config(model_dir)
-  changed = [f'{name} {_show(getattr(recorded, name))} -> {_show(getattr(config, name))}'
-             for name in configs.FIELDS
-             if name not in RESUMABLE_CHANGES and getattr(recorded, name) != getattr(config, name)]
+  changed = [f'{path} {_show(configs.get(recorded, path))} -> {_show(configs.get(config, path))}'
+             for path in configs.FIELDS
+             if not configs.resumable(path) and
+             configs.get(recorded, path) != configs.get(config, path)]
   if changed:
     raise ConfigError(f'{model_dir}/{CONFIG_NAME}: the checkpoint to resume was trained with '
                       f'other settings ({", ".join(changed)}); rerun with the same settings to '
@@ -97,33 +100,34 @@ def _read_inputs(config: configs.Config, data_dir: str, model_dir: str,
                      ('AIP_CHECKPOINT_DIR', checkpoint_dir), ('AIP_TENSORBOARD_LOG_DIR', log_dir)):
     fileio.check_bucket(path, flag)
   manifest = manifest_lib.read(data_dir.rstrip('/'))
-  for split in ('train', 'val') + ((config.calibration_split,) if config.calibration_split
+  for split in ('train', 'val') + ((config.eval.calibration_split,) if config.eval.calibration_split
                                     else ()):
     manifest.split(split)
   return manifest
 
 
 def _check_runtime(config: configs.Config, runtime: distribution.Runtime) -> None:
-  if config.jit_compile and runtime.kind != 'default':
+  if config.runtime.jit_compile and runtime.kind != 'default':
     # XLA's step reads another replica's variables from the first replica's device and fails
     # (tensorflow/tensorflow#45940, on GPUs too); Keras' own jit_compile="auto" turns XLA off
     # under any tf.distribute strategy for the same reason.
     raise ConfigError(f'jit_compile: XLA cannot compile the step under the {runtime.kind} '
                       'strategy (replicas keep variables on other devices); use it with '
                       '--strategy default')
-  data.check_batch(config.batch_size, runtime.num_replicas, '--batch_size')
-  data.check_batch(config.eval_batch_size or config.batch_size, runtime.num_replicas,
-                   'eval_batch_size')
+  data.check_batch(config.data.batch_size, runtime.num_replicas, '--batch_size')
+  data.check_batch(config.eval.batch_size or config.data.batch_size, runtime.num_replicas,
+                   'eval.batch_size')
 
 
 def _loop_settings(config: configs.Config, steps_per_epoch: int) -> loop.Settings:
   return loop.Settings(
-      epochs=config.epochs, steps_per_epoch=steps_per_epoch, global_batch_size=config.batch_size,
-      steps_per_loop=config.steps_per_loop, backup_every_steps=config.backup_every_steps,
-      eval_every_epochs=config.eval_every_epochs,
-      early_stopping_patience=config.early_stopping_patience,
-      early_stopping_min_delta=config.early_stopping_min_delta,
-      profile_steps=config.profile_steps)
+      epochs=config.trainer.epochs, steps_per_epoch=steps_per_epoch,
+      global_batch_size=config.data.batch_size, steps_per_loop=config.trainer.steps_per_loop,
+      backup_every_steps=config.trainer.backup_every_steps,
+      eval_every_epochs=config.eval.every_epochs,
+      early_stopping_patience=config.trainer.early_stopping_patience,
+      early_stopping_min_delta=config.trainer.early_stopping_min_delta,
+      profile_steps=config.trainer.profile_steps)
 
 
 def run(config: configs.Config, data_dir: str, model_dir: str, *,
@@ -151,16 +155,17 @@ def run(config: configs.Config, data_dir: str, model_dir: str, *,
   configs.validate(config)
   manifest = _read_inputs(config, data_dir, model_dir, checkpoint_dir, log_dir)
   model_dir = model_dir.rstrip('/')
-  runtime = runtime or distribution.create_runtime(config.strategy, config.mixed_precision,
-                                                   config.peer_timeout_seconds)
+  runtime = runtime or distribution.create_runtime(
+      config.runtime.strategy, config.runtime.mixed_precision,
+      config.runtime.peer_timeout_seconds)
   _check_runtime(config, runtime)
   steps_per_epoch = config.steps_per_epoch or data.steps_per_pass(
-      manifest, 'train', config.batch_size, runtime.num_workers)
+      manifest, 'train', config.data.batch_size, runtime.num_workers)
   log(f'distribution: {runtime.describe()}')
-  log(f'batch: global {config.batch_size}, per replica '
-      f'{config.batch_size // runtime.num_replicas}; learning rate '
-      f'{segmentation.peak_learning_rate(config):g} (scaling: {config.lr_scaling}); '
-      f'{steps_per_epoch} steps/epoch, {config.epochs} epochs')
+  log(f'batch: global {config.data.batch_size}, per replica '
+      f'{config.data.batch_size // runtime.num_replicas}; learning rate '
+      f'{segmentation.peak_learning_rate(config):g} (scaling: {config.optimizer.lr_scaling}); '
+      f'{steps_per_epoch} steps/epoch, {config.trainer.epochs} epochs')
   checkpoint_root = (checkpoint_dir or model_dir).rstrip('/')
   ckpt_dir, best_dir = f'{checkpoint_root}/checkpoints', f'{checkpoint_root}/best'
   if tf.train.latest_checkpoint(ckpt_dir) and tf.io.gfile.exists(f'{model_dir}/{CONFIG_NAME}'):
@@ -173,7 +178,7 @@ def run(config: configs.Config, data_dir: str, model_dir: str, *,
                                                                       spec.class_weights)))
   if runtime.is_chief:
     tf.io.gfile.makedirs(model_dir)
-    _write_json(f'{model_dir}/{CONFIG_NAME}', dataclasses.asdict(config) | {
+    _write_json(f'{model_dir}/{CONFIG_NAME}', config.to_dict() | {
         'resolved_precision': runtime.precision, 'strategy_used': runtime.kind,
         'num_replicas': runtime.num_replicas, 'num_workers': runtime.num_workers,
         'data_dir': data_dir})
@@ -183,7 +188,7 @@ def run(config: configs.Config, data_dir: str, model_dir: str, *,
 
   with runtime.strategy.scope():
     model, train_model, optimizer, average = segmentation.build_trainables(
-        config, spec.num_classes, steps_per_epoch * config.epochs, steps_per_epoch)
+        config, spec.num_classes, steps_per_epoch * config.trainer.epochs, steps_per_epoch)
   steps = segmentation.make_steps(model, optimizer, runtime.strategy, config, spec,
                                   train_model=train_model, average=average)
   log_dir = (log_dir or f'{model_dir}/logs').rstrip('/')

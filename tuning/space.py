@@ -1,7 +1,8 @@
 """The search space, defined once: which trainer hyperparameters are tuned and over what range.
 
-A trial's values become a trainer Config by overriding the preset's fields of the same names, so
-best_hparams.json is directly a `--hparams_file` for `python -m trainer.task`. The flags in tune.py
+A trial's values become a trainer Config by overriding the preset's fields they stand for
+(TUNED); best_hparams.json keeps the flat names, which `--hparams_file` of `python -m
+trainer.task` reads through configs.FLAT_NAMES. The flags in tune.py
 only move the bounds.
 """
 
@@ -13,9 +14,10 @@ import keras_tuner
 from camvid_common import errors
 from trainer import configs
 
-# The tuned Config fields, in the order they are reported. Nothing else is ever written to
+# The tuned hyperparameters (their names in the search, trials.json and best_hparams.json) and
+# the Config fields they set, in the order they are reported. Nothing else is ever written to
 # best_hparams.json: the trainer rejects unknown keys, and the epoch budget is not a finding.
-TUNED = ('dropout', 'learning_rate')
+TUNED = {'dropout': 'model.dropout', 'learning_rate': 'optimizer.learning_rate'}
 # Hyperband's per-trial epoch budget (the cumulative epochs of that trial).
 HYPERBAND_EPOCHS = 'tuner/epochs'
 
@@ -60,7 +62,9 @@ def trial_epochs(values: dict, default_epochs: int) -> int:
 def trial_config(base: configs.Config, values: dict, epochs: int) -> configs.Config:
   """The trainer Config of one trial: the base config with the tuned fields and epoch budget."""
   try:
-    config = configs.override(base, {**tuned_values(values), 'epochs': epochs}, 'trial')
+    config = configs.override(
+        base, {TUNED[name]: value for name, value in tuned_values(values).items()} |
+        {'trainer.epochs': epochs}, 'trial')
     configs.validate(config)
   except ValueError as e:
     raise errors.ConfigError(str(e)) from None

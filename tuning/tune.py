@@ -55,10 +55,11 @@ def _base_config(bounds: space.Bounds) -> tuple[configs.Config, int]:
   try:
     base = configs.get_config(_CONFIG.value)
     if _PATIENCE.value is not None:
-      base = configs.override(base, {'early_stopping_patience': _PATIENCE.value}, 'flags')
+      base = configs.override(base, {'trainer.early_stopping_patience': _PATIENCE.value},
+                              'flags')
   except ValueError as e:
     raise errors.ConfigError(str(e)) from None
-  epochs = _EPOCHS.value if _EPOCHS.value is not None else base.epochs
+  epochs = _EPOCHS.value if _EPOCHS.value is not None else base.trainer.epochs
   if epochs < 1:
     raise errors.ConfigError(f'--epochs {epochs}: must be >= 1')
   # Every corner of the space must be a config the trainer accepts, before any trial starts.

@@ -97,13 +97,14 @@ def create_runtime(base: configs.Config):
         'TF_CONFIG (or an Indexed Job\'s CAMVID_NUM_WORKERS) describes a multi-worker cluster: '
         'tuning trials run on one machine each; scale out with '
         'KERASTUNER_TUNER_ID/KERASTUNER_ORACLE_IP/KERASTUNER_ORACLE_PORT')
-  kind = strategy_kind(base.strategy, len(tf.config.list_logical_devices('GPU')),
+  kind = strategy_kind(base.runtime.strategy, len(tf.config.list_logical_devices('GPU')),
                        len(tf.config.list_logical_devices('CPU')))
-  runtime = distribution.create_runtime(kind, base.mixed_precision, base.peer_timeout_seconds)
+  runtime = distribution.create_runtime(kind, base.runtime.mixed_precision,
+                                       base.runtime.peer_timeout_seconds)
   try:
-    data.check_batch(base.batch_size, runtime.num_replicas, 'batch_size')
-    data.check_batch(base.eval_batch_size or base.batch_size, runtime.num_replicas,
-                     'eval_batch_size')
+    data.check_batch(base.data.batch_size, runtime.num_replicas, 'data.batch_size')
+    data.check_batch(base.eval.batch_size or base.data.batch_size, runtime.num_replicas,
+                     'eval.batch_size')
   except ValueError as e:
     raise errors.ConfigError(f'the preset\'s {e}') from None
   return runtime

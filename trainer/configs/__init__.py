@@ -1,10 +1,17 @@
-"""Config presets and their overrides; see base.py for the fields and presets.py for the presets."""
+"""Config presets and their overrides; see base.py for the groups and presets.py for the presets."""
 
-from trainer.configs.base import Config, FIELDS, REMOVED_OPTIONS, from_json, override, validate  # pylint: disable=unused-import
+from trainer.configs.base import (  # pylint: disable=unused-import
+    FIELDS, FLAT_NAMES, GROUPS, REMOVED_OPTIONS, Config, DataConfig, EvalConfig, ExperimentConfig,
+    LossConfig, ModelConfig, OptimizerConfig, RuntimeConfig, TrainerConfig, choices, from_dict,
+    from_json, get, is_params_file, override, parse_params_file, parse_params_override, resumable,
+    to_flat, validate)
 from trainer.configs.presets import PRESETS
 
-__all__ = ['Config', 'FIELDS', 'PRESETS', 'REMOVED_OPTIONS', 'from_json', 'get_config', 'override',
-           'validate']
+__all__ = ['Config', 'DataConfig', 'EvalConfig', 'ExperimentConfig', 'FIELDS', 'FLAT_NAMES',
+           'GROUPS', 'LossConfig', 'ModelConfig', 'OptimizerConfig', 'PRESETS', 'REMOVED_OPTIONS',
+           'RuntimeConfig', 'TrainerConfig', 'choices', 'from_dict', 'from_json', 'get',
+           'get_config', 'is_params_file', 'override', 'parse_params_file',
+           'parse_params_override', 'resumable', 'to_flat', 'validate']
 
 
 def get_config(name: str) -> Config:

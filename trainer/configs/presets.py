@@ -1,11 +1,12 @@
 """Named presets. Each docstring gives the command that runs it and its measured result; the
 experiments behind them are in docs/experiments.md.
 
-A preset is a function returning a Config, so presets can build on each other without sharing
-mutable state.
+A preset is a function returning a Config (base.ExperimentConfig) built from its groups; a field
+a preset does not name keeps its default.
 """
 
-from trainer.configs.base import Config
+from trainer.configs.base import (Config, DataConfig, EvalConfig, LossConfig, ModelConfig,
+                                  OptimizerConfig, RuntimeConfig, TrainerConfig)
 
 
 def seed_unet() -> Config:
@@ -17,8 +18,10 @@ def seed_unet() -> Config:
   Result: 34,543,179 parameters for 11 classes, ~2.5 TFLOP per training step of 8 images; not
   yet trained to convergence (docs/experiments.md).
   """
-  return Config(base_filters=64, depth=4, dropout=0.5, image_size=(256, 256), batch_size=8,
-                epochs=60, learning_rate=1e-3)
+  return Config(model=ModelConfig(base_filters=64, depth=4, dropout=0.5),
+                data=DataConfig(image_size=(256, 256), batch_size=8),
+                optimizer=OptimizerConfig(learning_rate=1e-3),
+                trainer=TrainerConfig(epochs=60))
 
 
 def small() -> Config:
@@ -29,12 +32,14 @@ def small() -> Config:
   Result (real CamVid SegNet split): val mIoU / pixel accuracy 0.6563 / 0.9254, mean of five
   seeds; about 13 minutes on a 2-core CPU VM. Each choice was measured: docs/experiments.md.
   """
-  return Config(base_filters=16, depth=4, dropout=0.0, stem_stride=2, image_size=(288, 384),
-                crop_size=(192, 192), batch_size=4, epochs=64, learning_rate=5e-4,
-                bn_momentum=0.9, class_weighting='inverse_sqrt', max_class_weight=10.0,
-                eval_flip=True, eval_every_epochs=16, scale_min=1.0, scale_max=1.0,
-                brightness=0.0, contrast=0.0, saturation=0.0, logit_adjustment=0.5,
-                calibration_split='train', aux_loss_weight=1.0, ema_momentum=0.999)
+  return Config(
+      model=ModelConfig(base_filters=16, depth=4, dropout=0.0, stem_stride=2, bn_momentum=0.9),
+      data=DataConfig(image_size=(288, 384), crop_size=(192, 192), batch_size=4, scale_min=1.0,
+                      scale_max=1.0, brightness=0.0, contrast=0.0, saturation=0.0),
+      optimizer=OptimizerConfig(learning_rate=5e-4, ema_momentum=0.999),
+      loss=LossConfig(class_weighting='inverse_sqrt', max_class_weight=10.0, aux_loss_weight=1.0),
+      eval=EvalConfig(flip=True, every_epochs=16, logit_adjustment=0.5, calibration_split='train'),
+      trainer=TrainerConfig(epochs=64))
 
 
 def smoke() -> Config:
@@ -46,9 +51,12 @@ def smoke() -> Config:
   BatchNorm momentum 0.9 lets the moving statistics settle within a smoke run's few steps, so
   tests that compare predictions see predictions that vary (docs/experiments.md).
   """
-  return Config(base_filters=4, depth=2, dropout=0.0, image_size=(32, 32), batch_size=4,
-                epochs=2, learning_rate=1e-2, warmup_epochs=0.0, shuffle_buffer=64,
-                steps_per_loop=2, backup_every_steps=4, num_summary_images=2, bn_momentum=0.9)
+  return Config(model=ModelConfig(base_filters=4, depth=2, dropout=0.0, bn_momentum=0.9),
+                data=DataConfig(image_size=(32, 32), batch_size=4),
+                optimizer=OptimizerConfig(learning_rate=1e-2, warmup_epochs=0.0),
+                eval=EvalConfig(num_summary_images=2),
+                trainer=TrainerConfig(epochs=2, steps_per_loop=2, backup_every_steps=4),
+                runtime=RuntimeConfig(shuffle_buffer=64))
 
 
 def demo() -> Config:
@@ -59,9 +67,11 @@ def demo() -> Config:
   Result: about a minute end to end on 2 CPU cores (README "Two commands"); docs/experiments.md
   records the real-data runs.
   """
-  return Config(base_filters=8, depth=3, dropout=0.0, image_size=(96, 128), batch_size=8,
-                epochs=6, learning_rate=5e-3, warmup_epochs=0.5, steps_per_loop=5, bn_momentum=0.9,
-                backup_every_steps=20, num_summary_images=3)
+  return Config(model=ModelConfig(base_filters=8, depth=3, dropout=0.0, bn_momentum=0.9),
+                data=DataConfig(image_size=(96, 128), batch_size=8),
+                optimizer=OptimizerConfig(learning_rate=5e-3, warmup_epochs=0.5),
+                eval=EvalConfig(num_summary_images=3),
+                trainer=TrainerConfig(epochs=6, steps_per_loop=5, backup_every_steps=20))
 
 
 PRESETS = {'seed_unet': seed_unet, 'small': small, 'smoke': smoke, 'demo': demo}
