@@ -392,3 +392,24 @@ def _evaluate_matches_the_export_on_a_test_only_data_dir(model_dir, tmp_path):
       np.add.at(expected, (mask[keep], ids[keep].astype(np.int64)), 1)
   assert expected.sum() == sum(map(sum, result['confusion_matrix'])) > 0
   np.testing.assert_array_equal(np.asarray(result['confusion_matrix']), expected)
+
+
+def test_gpu_preset_trains_a_few_steps_on_cpu_in_bfloat16(smoke_data, tmp_path):
+  """The `gpu` preset's code path at a tiny size: bf16, per-replica batch, crops, whole frames
+  that are not a multiple of the stride (padded, never resized), calibration and export."""
+  model_dir = tmp_path / 'model'
+  proc = run_module('trainer.task', '--config', 'gpu', '--data_dir', smoke_data, '--model_dir',
+                    model_dir, '--mixed_precision', 'mixed_bfloat16', '--epochs', '1',
+                    '--steps_per_epoch', '2', '--image_size', '40x56', '--params_override',
+                    'data.crop_size=[32,48],model.base_filters=4,data.batch_size_per_replica=4')
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  config = json.loads((model_dir / 'config.json').read_text())
+  assert config['resolved_precision'] == 'mixed_bfloat16'
+  assert config['data']['batch_size'] == 4 and config['data']['image_size'] == [40, 56]
+  assert config['model']['depth'] == 4 and config['eval']['flip'] is True
+  assert math.isfinite(float(_history(model_dir)[0]['train_loss']))
+  labels = json.loads((model_dir / 'export' / 'labels.json').read_text())
+  assert labels['image_size'] == [40, 56] and labels['size_multiple'] == 16
+  serve = tf.saved_model.load(str(model_dir / 'export' / 'serving')).signatures['serving_default']
+  frame = tf.io.encode_png(tf.zeros([48, 64, 3], tf.uint8))
+  assert serve(image_bytes=tf.reshape(frame, [1]))['class_ids'].shape == (1, 48, 64)

@@ -234,13 +234,14 @@ def predict_logits(model: keras.Model, images, flip: bool = False,
   1 the images are resized to round(s * size) (bilinear, antialiased when shrinking), padded
   at the bottom and right by mirroring up to `multiple` (the model's stride, size_multiple),
   and their logits are cropped and resized back to the input size; the scales' logits are then
-  averaged. Scales other than 1 need a model built with any_size and images of static height
-  and width.
+  averaged. Frames whose size is not a multiple (CamVid's 360x480 under a stride of 16) are
+  padded and cropped the same way at scale 1, never resized. Padding and scales other than 1
+  need a model built with any_size and images of static height and width.
   """
   scales = tuple(float(s) for s in scales)
-  if scales == (1.0,):
-    return _flip_averaged(model, images, flip)
   height, width = int(images.shape[1]), int(images.shape[2])
+  if scales == (1.0,) and not (height % multiple or width % multiple):
+    return _flip_averaged(model, images, flip)
   total = None
   for scale in scales:
     h, w = max(1, round(height * scale)), max(1, round(width * scale))

@@ -42,7 +42,9 @@ def build_model(config: configs.Config, num_classes: int, training: bool = False
                               sync_batchnorm=config.model.sync_batchnorm and not fused,
                               fused_batchnorm=fused,
                               any_size=((training and config.data.crop_size is not None) or
-                                        config.eval.scales != (1.0,)),
+                                        config.eval.scales != (1.0,) or
+                                        any(s % size_multiple(config)
+                                            for s in config.data.image_size)),
                               bn_momentum=config.model.bn_momentum,
                               stem_stride=config.model.stem_stride)
 

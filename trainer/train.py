@@ -158,6 +158,9 @@ def run(config: configs.Config, data_dir: str, model_dir: str, *,
   runtime = runtime or distribution.create_runtime(
       config.runtime.strategy, config.runtime.mixed_precision,
       config.runtime.peer_timeout_seconds)
+  if config.data.batch_size_per_replica:
+    config = config.replace(**{
+        'data.batch_size': config.data.batch_size_per_replica * runtime.num_replicas})
   _check_runtime(config, runtime)
   steps_per_epoch = config.steps_per_epoch or data.steps_per_pass(
       manifest, 'train', config.data.batch_size, runtime.num_workers)

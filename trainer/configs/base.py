@@ -77,14 +77,17 @@ class DataConfig(_Group):
   """The training input and its augmentation (trainer/data.py)."""
   NAME: ClassVar[str] = 'data'
   RESUMABLE: ClassVar[bool] = False
-  # The model input (height, width): training crops and the size evaluation and serving resize
-  # frames to.
+  # The model input (height, width): the size evaluation and serving resize frames to (padded
+  # to the model's stride when not a multiple of it), and training's without crop_size.
   image_size: tuple[int, int] = (256, 256)
   # Training crop (height, width), None = image_size. Smaller crops of the same scaled frames
   # make a step cheaper (the model is fully convolutional and trained with free spatial size);
   # evaluation and serving still see whole frames at image_size.
   crop_size: tuple[int, int] | None = None
   batch_size: int = 8  # Global, across all replicas and workers.
+  # When set, the global batch is this many per replica (batch_size is then resolved to it times
+  # the replicas when a run starts, and config.json records that); for presets sized per GPU.
+  batch_size_per_replica: int | None = None
   scale_min: float = 0.75  # Random scale range before cropping (1.0 = whole frame fits).
   scale_max: float = 1.5
   hflip: bool = True  # Random horizontal flips.
@@ -97,6 +100,8 @@ class DataConfig(_Group):
         'image_size': all(s > 0 for s in self.image_size),
         'crop_size': self.crop_size is None or all(s > 0 for s in self.crop_size),
         'batch_size': self.batch_size >= 1,
+        'batch_size_per_replica': (self.batch_size_per_replica is None or
+                                   self.batch_size_per_replica >= 1),
         'scale_min': 0 < self.scale_min <= self.scale_max,
         # Contrast and saturation factors are 1 +/- the value: above 1 a factor could turn
         # negative and invert the image.
@@ -274,11 +279,13 @@ class ExperimentConfig(_Group):
     super().validate()
     model, data = self.model, self.data
     stride = model.stem_stride * 2**model.depth
-    for name in ('image_size', 'crop_size'):
-      size = getattr(data, name)
-      if size is not None and any(s % stride for s in size):
-        raise ValueError(f'data.{name}: {size[0]}x{size[1]} must be positive multiples of '
-                         f'model.stem_stride * 2**model.depth = {stride}')
+    # Training batches must tile the model's stride; whole frames of another size are padded
+    # to it at inference (model.predict_logits), so with crops image_size is free.
+    name = 'crop_size' if data.crop_size is not None else 'image_size'
+    size = getattr(data, name)
+    if any(s % stride for s in size):
+      raise ValueError(f'data.{name}: {size[0]}x{size[1]} must be positive multiples of '
+                       f'model.stem_stride * 2**model.depth = {stride}')
     # Every scaled frame must still fill at least one stride of the model.
     if any(round(min(data.image_size) * s) < stride for s in self.eval.scales):
       raise ValueError(f'eval.scales: {self.eval.scales!r} is out of range (data.image_size '
@@ -385,7 +392,8 @@ FLAT_NAMES = {
     'cache_decoded_mb': 'runtime.cache_decoded_mb', 'shuffle_buffer': 'runtime.shuffle_buffer',
     'seed': 'seed', 'steps_per_epoch': 'steps_per_epoch',
 }
-assert sorted(FLAT_NAMES.values()) == sorted(FIELDS), 'FLAT_NAMES must cover every field once'
+# Fields added after the grouping (data.batch_size_per_replica) have no flat name.
+assert len(set(FLAT_NAMES.values())) == len(FLAT_NAMES) and set(FLAT_NAMES.values()) <= set(FIELDS)
 
 # Fields of rejected experiments that the trainer no longer has, with the values that meant
 # "off" (docs/experiments.md records what they did). An old config.json holding one of these
