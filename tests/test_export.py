@@ -343,3 +343,17 @@ def test_predict_bad_input_exits_2_with_one_error_line(model_dir, tmp_path):
       assert fragment in errors[0], (fragment, errors[0])
   # Only the corrupt-image run got as far as writing: the image sorted before the bad one.
   assert sorted(os.listdir(out)) == ['a_mask.png', 'a_overlay.png']
+
+
+def test_serving_root_copy_beside_other_files_serves_the_same(model, model_dir, tmp_path):
+  """Vertex AI reads a SavedModel at AIP_MODEL_DIR's root, where a run keeps its other files."""
+  (tmp_path / 'config.json').write_text('{}')
+  for _ in range(2):  # A rerun replaces the copy.
+    export_lib.write_serving_root(model, str(tmp_path), _spec())
+  assert {'saved_model.pb', 'variables', 'config.json'} <= set(os.listdir(tmp_path))
+  root = tf.saved_model.load(str(tmp_path)).signatures['serving_default']
+  exported = tf.saved_model.load(str(model_dir / 'export' / 'serving')).signatures[
+      'serving_default']
+  image = tf.constant([_encode(_image(40, 56, seed=3))])
+  np.testing.assert_array_equal(root(image_bytes=image)['class_ids'].numpy(),
+                                exported(image_bytes=image)['class_ids'].numpy())

@@ -167,6 +167,18 @@ def export_model(model: keras.Model, export_dir: str, spec: inference.Spec) -> N
   fileio.write_atomic(labels_path, json.dumps(spec.to_json(), indent=2) + '\n')
 
 
+def write_serving_root(model: keras.Model, directory: str, spec: inference.Spec) -> None:
+  """Writes the serving SavedModel (saved_model.pb, variables/) at `directory`'s root.
+
+  For Vertex AI, whose model import reads a SavedModel from the root of AIP_MODEL_DIR; the
+  directory's other files (a run's model_dir) stay. A previous copy is replaced.
+  """
+  _check_args(model, spec)
+  for name in ('saved_model.pb', 'fingerprint.pb', 'variables', 'assets'):
+    _remove(os.path.join(directory, name))
+  _write_saved_model(model, directory, spec)
+
+
 def load_labels(export_dir: str) -> dict:
   """Reads and validates `export_dir`/labels.json.
 

@@ -144,6 +144,77 @@ def _prepare_output(output_dir: str, bounds, epochs: int, settings: dict,
 def _report(output_dir: str, tuner, epochs: int) -> int:
   """Writes trials.json and best_hparams.json and prints where they are; the exit code."""
   from tuning import board, results  # pylint: disable=g-import-not-at-top
+  best = results.write(output_dir, tuner.oracle.trials.values(), epochs)
+  print(f'\ntrials:       {output_dir}/{results.TRIALS_NAME}')
+  print(f'tensorboard:  tensorboard --logdir {board.root(output_dir)}')
+  if best is None:
+    print('error: no trial completed; see the trials\' errors above and in trials.json',
+          file=sys.stderr)
+    return 1
+  tuned = space.tuned_values(best.hyperparameters.values)
+  print(f'best trial:   {best.trial_id}, val mIoU {float(best.score):.4f}, '
+        + ', '.join(f'{k} {v:.4g}' for k, v in tuned.items()))
+  print(f'best hparams: {output_dir}/{results.BEST_NAME}\n'
+        f'train with:   python -m trainer.task --config {_CONFIG.value} --data_dir '
+        f'{_DATA_DIR.value} --model_dir M --hparams_file {output_dir}/{results.BEST_NAME}',
+        flush=True)
+  return 0
+
+
+def main(argv):
+  del argv  # run_app rejects positional arguments.
+  _check_flags()
+  from tuning import tuner as tuner_lib  # pylint: disable=g-import-not-at-top
+  process_role = tuner_lib.role()
+  bounds = _bounds()
+  base, epochs = _base_config(bounds)
+  from camvid_common import fileio  # pylint: disable=g-import-not-at-top
+  for flag in (_DATA_DIR, _OUTPUT_DIR):
+    fileio.check_bucket(flag.value, f'--{flag.name}')
+  _check_data(_DATA_DIR.value)
+  output_dir = _OUTPUT_DIR.value.rstrip('/')
+  settings = _settings(epochs)
+
+  runtime = None
+  if process_role != 'chief':  # The chief only serves the oracle; it trains nothing.
+    if _LOGICAL_CPUS.value:
+      from trainer import distribution  # pylint: disable=g-import-not-at-top
+      distribution.configure_logical_cpus(_LOGICAL_CPUS.value)
+    runtime = tuner_lib.create_runtime(base)
+    print(f'distribution for every trial: {runtime.describe()}', flush=True)
+
+  owns_oracle = process_role != 'worker'
+  _prepare_output(output_dir, bounds, epochs, settings, owns_oracle)
+
+  oracle = tuner_lib.make_oracle(_TUNER.value, bounds, _MAX_TRIALS.value, epochs, _SEED.value,
+                                 output_dir=output_dir if owns_oracle else None)
+  if _TUNER.value == 'hyperband' and owns_oracle:
+    per_iteration = space.hyperband_trials_per_iteration(epochs, tuner_lib.HYPERBAND_FACTOR)
+    print(f'hyperband: max {epochs} epochs per trial, factor {tuner_lib.HYPERBAND_FACTOR}: one '
+          f'full iteration is {per_iteration} trials (--max_trials {_MAX_TRIALS.value})',
+          flush=True)
+  tuner = tuner_lib.SegmentationTuner(
+      oracle, base_config=base, data_dir=_DATA_DIR.value, output_dir=output_dir, epochs=epochs,
+      runtime=runtime, overwrite=_OVERWRITE.value and owns_oracle,
+      settings=settings if process_role == 'worker' else None,
+      log=lambda message: print(message, flush=True))
+  if owns_oracle:
+    # Records the oracle and tuner state now, so a crash inside the very first trial is resumed
+    # like any other (KerasTuner itself first saves the tuner at the end of a trial).
+    tuner.save()
+
+  # A chief serves even a finished search: each worker that asks is told to stop, so a relaunched
+  # Job ends cleanly instead of leaving its workers waiting for an oracle.
+  if process_role == 'single' and tuner_lib.finished(tuner.oracle):
+    print(f'the search in {output_dir} is finished (rerun with a larger --max_trials to extend '
+          'it, or --overwrite to start over)', flush=True)
+  else:
+    _search(tuner, process_role)
+
+  if not owns_oracle:
+    print(f'worker {os.environ["KERASTUNER_TUNER_ID"]}: the chief has no more trials; done',
+          flush=True)
+    return 0
   return _report(output_dir, tuner, epochs)
 
 
