@@ -370,7 +370,8 @@ def test_each_file_applied_alone_is_what_kustomize_renders(tmp_path):
              'RUN_NAME': env['CAMVID_RUN_NAME'], 'NUM_WORKERS': str(job['spec']['completions']),
              'GPUS_PER_WORKER': str(container['resources']['limits']['nvidia.com/gpu']),
              'GPU_TYPE': pod['nodeSelector']['cloud.google.com/gke-accelerator'],
-             'QUEUE_NAME': job['metadata']['labels'].get(QUEUE_LABEL, '')}
+             'QUEUE_NAME': job['metadata']['labels'].get(QUEUE_LABEL, ''),
+             'PRESET': container['args'][1].partition('=')[2].split()[0]}
   assert written.keys() == BASE_SETTINGS.keys()
   overlay = _overlay(tmp_path, 'written', 'resources: [{k8s}]\n'
                      'components: [settings, {k8s}/components/settings]\n')
@@ -603,6 +604,20 @@ def test_pods_run_as_the_image_user_without_secrets(variants, variant):
       for leak in ('secretKeyRef', 'secretRef', 'GOOGLE_APPLICATION_CREDENTIALS', 'PRIVATE KEY',
                    'key.json', 'credentials.json'):
         assert leak not in text, (name, leak)
+
+
+@pytest.mark.parametrize('variant', ['base', 'local-cpu'])
+def test_train_and_tune_jobs_run_the_settings_preset(variants, variant):
+  """GPU node pools run the `gpu` recipe; the local-cpu variant keeps the CPU one, `small`."""
+  objects, settings = variants[variant]
+  assert settings['PRESET'] == {'base': 'gpu', 'local-cpu': 'small'}[variant]
+  presets = {}
+  for obj, template in _pod_specs(objects):
+    for container in _containers(template):
+      if container.get('args', [''])[0] in ('trainer.task', 'tuning.tune'):
+        presets[obj['metadata']['name']] = container['args'][1]
+  assert presets == {name: f'--config={settings["PRESET"]}' for name in (
+      'camvid-train', 'camvid-tune-chief', 'camvid-tune-workers')}
 
 
 @pytest.mark.parametrize('variant', ['base', 'scaled', 'prefixed', 'local-cpu', 'digest'])
