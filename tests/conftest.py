@@ -1,7 +1,11 @@
-"""Shared pytest fixtures: repo paths, the real CamVid frames when present, quiet TensorFlow."""
+"""Shared pytest fixtures: repo paths, the real CamVid frames when present, quiet TensorFlow, and
+the generated data set and trained smoke run that several test files share."""
 
+import dataclasses
+import json
 import os
 import pathlib
+import shutil
 import sys
 
 import pytest
@@ -40,6 +44,49 @@ def smoke_data(tmp_path_factory):
   writer.build(str(root / 'raw'), str(root / 'tfrecords'), num_shards={'train': 3, 'val': 2},
                num_workers=1, log=lambda *_: None)
   return root / 'tfrecords'
+
+
+# The shared smoke run's options: class weighting with its logit adjustment, a bias calibrated on
+# train, and two test-time scales (0.6 x 32 = 19 pixels is padded to the model's multiple of 4),
+# so one run has every post-training step that the export and trainer.evaluate must reproduce.
+SMOKE_RUN_HPARAMS = {'class_weighting': 'inverse_sqrt', 'logit_adjustment': 0.5,
+                     'calibration_split': 'train', 'eval_scales': [0.6, 1.0]}
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainedRun:
+  """A finished `python -m trainer.task` run. Read model_dir, never write to it (tests share it);
+  a test that reruns or resumes training works on its own copy_to(tmp_path)."""
+  model_dir: pathlib.Path
+  args: tuple  # trainer.task's arguments except --model_dir: rerun with the same settings.
+  stdout: str
+
+  def copy_to(self, parent) -> pathlib.Path:
+    return pathlib.Path(shutil.copytree(self.model_dir, pathlib.Path(parent) / 'model'))
+
+
+@pytest.fixture(scope='session')
+def smoke_run(smoke_data, tmp_path_factory) -> TrainedRun:
+  """One 2-epoch `--config smoke` run on smoke_data with SMOKE_RUN_HPARAMS, trained once per
+  test session for every test that only reads a finished run."""
+  root = tmp_path_factory.mktemp('smoke_run')
+  hparams = root / 'hparams.json'
+  hparams.write_text(json.dumps(SMOKE_RUN_HPARAMS))
+  args = ('--config', 'smoke', '--data_dir', smoke_data, '--hparams_file', hparams)
+  proc = run_module('trainer.task', *args, '--model_dir', root / 'model')
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return TrainedRun(root / 'model', args, proc.stdout)
+
+
+@pytest.fixture(scope='session')
+def smoke_run_evaluation(smoke_run, smoke_data, tmp_path_factory) -> dict:
+  """`python -m trainer.evaluate` of smoke_run on smoke_data's val split with default flags: the
+  report it writes."""
+  report = tmp_path_factory.mktemp('smoke_run_evaluation') / 'eval.json'
+  proc = run_module('trainer.evaluate', '--model_dir', smoke_run.model_dir, '--data_dir',
+                    smoke_data, '--split', 'val', '--output', report)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return json.loads(report.read_text())
 
 
 def run_module(module, *args, timeout=600, **kwargs):

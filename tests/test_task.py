@@ -22,11 +22,10 @@ def _history(model_dir):
     return list(csv.DictReader(f))
 
 
-def test_smoke_run_end_to_end_then_evaluate(smoke_data, tmp_path):
-  model_dir = tmp_path / 'model'
-  proc = run_module('trainer.task', *SMOKE, '--data_dir', smoke_data, '--model_dir', model_dir)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  assert 'epoch 2/2' in proc.stdout
+def test_smoke_run_end_to_end_then_evaluate(smoke_run, smoke_run_evaluation, smoke_data,
+                                            tmp_path):
+  model_dir = smoke_run.model_dir  # Trained once per session (conftest.smoke_run); read only.
+  assert 'epoch 2/2' in smoke_run.stdout
   config = json.loads((model_dir / 'config.json').read_text())
   assert config['data']['image_size'] == [32, 32] and config['resolved_precision'] == 'float32'
   assert config['strategy_used'] == 'default' and config['data']['batch_size'] == 4
@@ -47,19 +46,17 @@ def test_smoke_run_end_to_end_then_evaluate(smoke_data, tmp_path):
   val_tags = event_tags(model_dir / 'logs/val')
   assert {'epoch_loss', 'epoch_mean_iou', 'confusion_matrix', 'overlays', 'iou/Road'} <= val_tags
 
-  report = tmp_path / 'eval.json'
-  proc = run_module('trainer.evaluate', '--model_dir', model_dir, '--data_dir', smoke_data,
-                    '--split', 'val', '--output', report)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  result = json.loads(report.read_text())
+  result = smoke_run_evaluation  # trainer.evaluate --split val of that run, default flags.
   assert {'split', 'num_examples', 'pixel_accuracy', 'mean_iou', 'per_class',
           'confusion_matrix'} <= set(result)
   # Same best checkpoint, same evaluation code: the same numbers as the run's metrics.json.
   assert result['confusion_matrix'] == metrics['confusion_matrix']
   assert result['mean_iou'] == pytest.approx(metrics['mean_iou'])
 
-  # Rerunning a finished run resumes at its end: no epoch is trained or logged twice.
-  proc = run_module('trainer.task', *SMOKE, '--data_dir', smoke_data, '--model_dir', model_dir)
+  # Rerunning a finished run resumes at its end: no epoch is trained or logged twice. (On a copy:
+  # the rerun rewrites the run's records, which other tests read.)
+  model_dir = smoke_run.copy_to(tmp_path)
+  proc = run_module('trainer.task', *smoke_run.args, '--model_dir', model_dir)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert 'epoch 1/2' not in proc.stdout and 'resumed from' in proc.stdout
   assert [row['epoch'] for row in _history(model_dir)] == ['0', '1']
@@ -67,7 +64,7 @@ def test_smoke_run_end_to_end_then_evaluate(smoke_data, tmp_path):
   # Rerunning with settings that would train something else is refused, and the record of how
   # the checkpoint was trained stays as it was.
   recorded = (model_dir / 'config.json').read_text()
-  proc = run_module('trainer.task', *SMOKE, '--data_dir', smoke_data, '--model_dir', model_dir,
+  proc = run_module('trainer.task', *smoke_run.args, '--model_dir', model_dir,
                     '--learning_rate', '0.5', '--image_size', '64x64', '--epochs', '3')
   assert proc.returncode == 2, proc.stderr[-3000:]
   errors = [line for line in proc.stderr.splitlines() if line.startswith('error:')]
@@ -285,18 +282,16 @@ def test_training_crops_and_sparse_validation(smoke_data, tmp_path):
   assert 'error: --logit_adjustment: 2.0 is out of range [0, 1]' in proc.stderr
 
 
-def test_calibration_is_fitted_on_train_and_used_by_metrics_export_and_evaluate(smoke_data,
-                                                                                tmp_path):
-  hparams = tmp_path / 'hp.json'
-  # With two test-time scales (0.6 x 32 = 19 pixels is padded to the model's multiple of 4), which
-  # the calibration, the metrics, the export and trainer.evaluate must all use alike.
-  hparams.write_text(json.dumps({'class_weighting': 'inverse_sqrt', 'logit_adjustment': 0.5,
-                                 'calibration_split': 'train', 'eval_scales': [0.6, 1.0]}))
-  model_dir = tmp_path / 'model'
-  proc = run_module('trainer.task', *SMOKE, '--data_dir', smoke_data, '--model_dir', model_dir,
-                    '--hparams_file', hparams)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  assert 'calibration on train (' in proc.stdout and 'val without calibration: mIoU' in proc.stdout
+def test_calibration_is_fitted_on_train_and_used_by_metrics_export_and_evaluate(
+    smoke_run, smoke_run_evaluation, smoke_data, tmp_path):
+  # The shared run (conftest.SMOKE_RUN_HPARAMS): inverse_sqrt class weights, logit adjustment 0.5,
+  # calibration on train, and two test-time scales (0.6 x 32 = 19 pixels is padded to the model's
+  # multiple of 4), which the calibration, the metrics, the export and trainer.evaluate must all
+  # use alike.
+  model_dir = smoke_run.model_dir
+  assert json.loads((model_dir / 'config.json').read_text())['calibration_split'] == 'train'
+  stdout = smoke_run.stdout
+  assert 'calibration on train (' in stdout and 'val without calibration: mIoU' in stdout
   record = json.loads((model_dir / 'calibration.json').read_text())
   from tfrecords_builder import manifest as manifest_lib  # pylint: disable=g-import-not-at-top
   from trainer import losses  # pylint: disable=g-import-not-at-top
@@ -324,7 +319,7 @@ def test_calibration_is_fitted_on_train_and_used_by_metrics_export_and_evaluate(
   # By default evaluation uses calibration.json and reproduces the run's metrics; asking for a
   # logit adjustment scores without it (the run's "uncalibrated" numbers); --calibration_split
   # fits afresh, from the same checkpoint and data the same biases.
-  same = evaluate()
+  same = smoke_run_evaluation  # evaluate() of this run, shared with the end-to-end test.
   assert same['calibration']['source'] == 'calibration.json'
   assert same['confusion_matrix'] == metrics['confusion_matrix']
   plain = evaluate('--logit_adjustment', '0.5')
