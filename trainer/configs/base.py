@@ -50,7 +50,7 @@ class _Group:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig(_Group):
-  """The U-Net (trainer/model.py)."""
+  """The U-Net (trainer/model.py). Every field is set by a preset or used at its default."""
   NAME: ClassVar[str] = 'model'
   RESUMABLE: ClassVar[bool] = False
   base_filters: int = 64  # Filters of the first level; doubled per level down.
@@ -74,7 +74,10 @@ class ModelConfig(_Group):
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig(_Group):
-  """The training input and its augmentation (trainer/data.py)."""
+  """The training input and its augmentation (trainer/data.py).
+
+  Every field is set by a preset (data.batch_size_per_replica by `gpu`) or used at its default.
+  """
   NAME: ClassVar[str] = 'data'
   RESUMABLE: ClassVar[bool] = False
   # The model input (height, width): the size evaluation and serving resize frames to (padded
@@ -112,7 +115,10 @@ class DataConfig(_Group):
 
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig(_Group):
-  """The optimiser and its learning-rate schedule (train.make_optimizer)."""
+  """The optimiser and its learning-rate schedule (segmentation.make_optimizer).
+
+  Standard knobs no preset changes: name (adam, sgd), lr_schedule constant, clipnorm.
+  """
   NAME: ClassVar[str] = 'optimizer'
   RESUMABLE: ClassVar[bool] = False
   name: Literal['adamw', 'adam', 'sgd'] = 'adamw'  # sgd: Nesterov momentum 0.9.
@@ -161,7 +167,10 @@ class LossConfig(_Group):
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig(_Group):
-  """Validation and prediction: test-time augmentation, logit adjustment, calibration."""
+  """Validation and prediction: test-time augmentation, logit adjustment, calibration.
+
+  Standard knobs no preset changes: scales (test-time multi-scale), batch_size.
+  """
   NAME: ClassVar[str] = 'eval'
   RESUMABLE: ClassVar[bool] = True
   flip: bool = False  # Test-time horizontal flip averaging (also baked into the export).
@@ -196,7 +205,10 @@ class EvalConfig(_Group):
 
 @dataclasses.dataclass(frozen=True)
 class TrainerConfig(_Group):
-  """The training loop: length, early stopping, step grouping, backups, profiling."""
+  """The training loop: length, early stopping, step grouping, backups, profiling.
+
+  Standard knobs no preset changes: early_stopping_*, profile_steps.
+  """
   NAME: ClassVar[str] = 'trainer'
   RESUMABLE: ClassVar[bool] = True  # `epochs` extends a run.
   epochs: int = 20
@@ -223,7 +235,10 @@ class TrainerConfig(_Group):
 
 @dataclasses.dataclass(frozen=True)
 class RuntimeConfig(_Group):
-  """Where and how the run executes: devices, precision, XLA, input caching."""
+  """Where and how the run executes: devices, precision, XLA, input caching.
+
+  Standard knobs, chosen per machine rather than per preset: every field here.
+  """
   NAME: ClassVar[str] = 'runtime'
   RESUMABLE: ClassVar[bool] = True
   # auto: TF_CONFIG -> multi_worker, several GPUs -> mirrored, else default.
