@@ -20,6 +20,7 @@ import dataclasses
 import json
 import logging
 
+import keras
 import numpy as np
 import tensorflow as tf
 
@@ -97,10 +98,14 @@ def _read_inputs(config: configs.Config, data_dir: str, model_dir: str,
                      ('AIP_CHECKPOINT_DIR', checkpoint_dir), ('AIP_TENSORBOARD_LOG_DIR', log_dir)):
     fileio.check_bucket(path, flag)
   manifest = manifest_lib.read(data_dir.rstrip('/'))
-  for split in ('train', 'val') + ((config.calibration_split,) if config.calibration_split
-                                    else ()):
+  for split in _splits_read(config):
     manifest.split(split)
+  data.check_shards(manifest, _splits_read(config))
   return manifest
+
+
+def _splits_read(config: configs.Config) -> tuple[str, ...]:
+  return ('train', 'val') + ((config.calibration_split,) if config.calibration_split else ())
 
 
 def _check_runtime(config: configs.Config, runtime: distribution.Runtime) -> None:
@@ -151,6 +156,15 @@ def run(config: configs.Config, data_dir: str, model_dir: str, *,
   configs.validate(config)
   manifest = _read_inputs(config, data_dir, model_dir, checkpoint_dir, log_dir)
   model_dir = model_dir.rstrip('/')
+  checkpoint_root = (checkpoint_dir or model_dir).rstrip('/')
+  ckpt_dir, best_dir = f'{checkpoint_root}/checkpoints', f'{checkpoint_root}/best'
+  if tf.train.latest_checkpoint(ckpt_dir) and tf.io.gfile.exists(f'{model_dir}/{CONFIG_NAME}'):
+    check_resumable(model_dir, config)
+  # Before any cluster forms: a worker of a run that is already trained (a rerun of a finished
+  # Job's pod) must not wait for peers that have finished and gone.
+  backup = loop.newest_readable_backup(ckpt_dir, log)
+  if backup and (backup.epoch >= config.epochs or backup.stopped_early):
+    return _post_train_only(config, manifest, model_dir, best_dir, backup, runtime, log, export)
   runtime = runtime or distribution.create_runtime(config.strategy, config.mixed_precision,
                                                    config.peer_timeout_seconds)
   _check_runtime(config, runtime)
@@ -161,10 +175,6 @@ def run(config: configs.Config, data_dir: str, model_dir: str, *,
       f'{config.batch_size // runtime.num_replicas}; learning rate '
       f'{segmentation.peak_learning_rate(config):g} (scaling: {config.lr_scaling}); '
       f'{steps_per_epoch} steps/epoch, {config.epochs} epochs')
-  checkpoint_root = (checkpoint_dir or model_dir).rstrip('/')
-  ckpt_dir, best_dir = f'{checkpoint_root}/checkpoints', f'{checkpoint_root}/best'
-  if tf.train.latest_checkpoint(ckpt_dir) and tf.io.gfile.exists(f'{model_dir}/{CONFIG_NAME}'):
-    check_resumable(model_dir, config)
   spec = segmentation.inference_spec(config, manifest.class_names,
                                      segmentation.class_weights_for(config, manifest),
                                      manifest.class_colors, manifest.ignore_label)
@@ -187,8 +197,9 @@ def run(config: configs.Config, data_dir: str, model_dir: str, *,
   steps = segmentation.make_steps(model, optimizer, runtime.strategy, config, spec,
                                   train_model=train_model, average=average)
   log_dir = (log_dir or f'{model_dir}/logs').rstrip('/')
-  task = segmentation.SegmentationTask(config, manifest, spec, runtime, model, steps, average,
-                                       log_dir)
+  with data.read_errors(manifest, ('val',), 'reading the summary frames'):
+    task = segmentation.SegmentationTask(config, manifest, spec, runtime, model, steps, average,
+                                         log_dir)
   log(task.describe_input())
   trackables = {'model': model, 'optimizer': optimizer,
                 **({'train_model': train_model} if train_model else {}),
@@ -196,13 +207,44 @@ def run(config: configs.Config, data_dir: str, model_dir: str, *,
   training = loop.Loop(task, _loop_settings(config, steps_per_epoch), runtime, optimizer,
                        trackables, {'model': model}, ckpt_dir, best_dir,
                        f'{model_dir}/{history_lib.HISTORY_NAME}', f'{log_dir}/profile', log)
-  training.restore()
-  training.run()
+  training.restore(backup)
+  with data.read_errors(manifest, ('train', 'val'), 'training'):
+    training.run()
   log(f'worker {runtime.worker_index}: final weights checksum {weights_checksum(model):.9e}')
   if not runtime.is_chief:
     return {}
-  return posttrain.finish(config, spec, manifest, model_dir, tf.train.latest_checkpoint(best_dir),
-                          log, export)
+  with data.read_errors(manifest, _splits_read(config), 'post-training'):
+    return posttrain.finish(config, spec, manifest, model_dir,
+                            tf.train.latest_checkpoint(best_dir), log, export)
+
+
+def _post_train_only(config, manifest, model_dir, best_dir, backup, runtime, log,
+                     export) -> dict:
+  """A rerun of a trained run: the chief redoes post-training alone, other workers just exit.
+
+  No strategy is created (runtime, if given, only says who is the chief): the peers may be gone
+  for good. Post-training rewrites calibration.json, inference.json, metrics.json and export/
+  whole each time (a crash part-way leaves export/ without labels.json, which it replaces), so
+  however far an earlier attempt got, the result is one consistent set.
+  """
+  is_chief, name = ((runtime.is_chief, f'worker {runtime.worker_index}') if runtime
+                    else distribution.role_from_env(config.strategy))
+  stopped = ', stopped early' if backup.stopped_early else ''
+  log(f'resumed from {backup.path}: training complete (epoch {backup.epoch} of '
+      f'{config.epochs}{stopped}); ' +
+      ('post-training alone, without the other workers' if is_chief
+       else f'{name} has nothing left to do (post-training is the chief\'s)'))
+  if not is_chief:
+    return {}
+  if runtime is None:
+    keras.mixed_precision.set_global_policy(
+        distribution.choose_precision(config.mixed_precision))
+  spec = segmentation.inference_spec(config, manifest.class_names,
+                                     segmentation.class_weights_for(config, manifest),
+                                     manifest.class_colors, manifest.ignore_label)
+  with data.read_errors(manifest, _splits_read(config), 'post-training'):
+    return posttrain.finish(config, spec, manifest, model_dir,
+                            tf.train.latest_checkpoint(best_dir), log, export)
 
 
 def weights_checksum(model) -> float:
