@@ -424,7 +424,7 @@ def check_shards(manifest: Manifest, splits) -> None:
   present = set(tf.io.gfile.listdir(manifest.data_dir))
   for split in splits:
     for name, path in zip(manifest.split(split)['shards'], manifest.shard_paths(split)):
-      if name not in present:
+      if name not in present and not tf.io.gfile.exists(path):
         raise errors.InputError(f'{path}: missing (a "{split}" shard its manifest names); '
                                 'rebuild or restore the data dir')
 

@@ -137,7 +137,9 @@ def run(config: configs.Config, data_dir: str, model_dir: str, *,
         export: bool = True) -> dict:
   """Trains, evaluates the best checkpoint on val, exports; returns the final metrics.
 
-  Re-running the same call continues from the last backup in model_dir.
+  Re-running the same call continues from the newest readable backup in model_dir; once
+  training is complete it forms no cluster: the chief redoes post-training alone, other workers
+  return {} at once.
 
   Args:
     config: the resolved config.
