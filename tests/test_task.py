@@ -223,6 +223,10 @@ def test_early_stopping_and_vertex_ai_dirs(smoke_data, tmp_path):
   assert tf.train.latest_checkpoint(str(tmp_path / 'aip_ckpt' / 'best'))
   assert list((tmp_path / 'aip_logs' / 'val').glob('events.*'))
   assert not (tmp_path / 'aip_model' / 'checkpoints').exists()
+  # Vertex AI's model import reads a SavedModel at AIP_MODEL_DIR's root; export/ stays too.
+  assert (tmp_path / 'aip_model' / 'saved_model.pb').is_file()
+  assert (tmp_path / 'aip_model' / 'variables').is_dir()
+  assert (tmp_path / 'aip_model' / 'export' / 'serving' / 'saved_model.pb').is_file()
   proc = run_module(*args, env=env)
   assert proc.returncode == 0 and f'epoch {len(epochs_done) + 1}/6' not in proc.stdout
 

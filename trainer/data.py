@@ -14,8 +14,10 @@ void pixels carry no loss and count in no metric, so nothing is dropped and noth
 twice. Evaluation marks padding with valid=False as well, so example counts stay exact.
 """
 
+import contextlib
 import dataclasses
 import math
+import re
 
 import tensorflow as tf
 
@@ -415,3 +417,76 @@ def first_examples(manifest: Manifest, split: str, config, count: int) -> list[d
                 'mask': example['mask'].numpy(),
                 'source_id': example['source_id'].numpy().decode()})
   return out
+
+
+def check_shards(manifest: Manifest, splits) -> None:
+  """Raises InputError naming the first shard of `splits` that is not in the data dir."""
+  present = set(tf.io.gfile.listdir(manifest.data_dir))
+  for split in splits:
+    for name, path in zip(manifest.split(split)['shards'], manifest.shard_paths(split)):
+      if name not in present and not tf.io.gfile.exists(path):
+        raise errors.InputError(f'{path}: missing (a "{split}" shard its manifest names); '
+                                'rebuild or restore the data dir')
+
+
+# Errors a shard's reading and decoding raise: missing (NotFound), truncated or corrupt
+# (DataLoss), a record or frame that does not parse or decode (InvalidArgument).
+_READ_ERRORS = (tf.errors.NotFoundError, tf.errors.DataLossError, tf.errors.InvalidArgumentError)
+_DECODE_WORDS = ('could not parse', 'png', 'jpeg', 'decod')
+
+
+@contextlib.contextmanager
+def read_errors(manifest: Manifest, splits, what: str):
+  """Turns a shard failing while `what` reads `splits` into one InputError line naming it.
+
+  TF names the file of a missing shard but not of a truncated one ("truncated record at N"), so
+  then the shards are counted against the manifest to find it. Errors that are none of a
+  shard's (a frame that decodes but fails in the model, a missing checkpoint dir) pass through.
+  """
+  try:
+    yield
+  except _READ_ERRORS as e:
+    reason = short_reason(e.message)
+    paths = [(split, path, size) for split in splits for path, size in
+             zip(manifest.shard_paths(split), manifest.split(split)['shard_sizes'])]
+    named = next((p for _, p, _ in paths if p in e.message), None)
+    if named:
+      raise errors.InputError(f'{named}: cannot be read while {what} ({reason})') from None
+    if not isinstance(e, tf.errors.InvalidArgumentError):
+      problem = _find_bad_shard(paths)
+      if problem:
+        raise errors.InputError(f'{problem}; found while {what}') from None
+    elif any(word in reason.lower() for word in _DECODE_WORDS):
+      raise errors.InputError(
+          f'{manifest.data_dir}: a record of the {"/".join(splits)} data does not parse or a '
+          f'frame does not decode while {what} ({reason}); find it with python -m '
+          f'tfrecords_builder --verify --output_dir {manifest.data_dir}') from None
+    raise
+
+
+def _find_bad_shard(paths) -> str | None:
+  """The first shard that is missing or holds other than its manifest's count of records."""
+  for split, path, size in paths:
+    try:
+      count = int(tf.data.TFRecordDataset(path).reduce(tf.constant(0, tf.int64),
+                                                       lambda n, _: n + 1))
+    except tf.errors.OpError as e:
+      reason = short_reason(e.message)
+      return f'{path}: a "{split}" shard cannot be read, truncated or corrupt ({reason})'
+    if count != size:
+      return f'{path}: a "{split}" shard holds {count} records, its manifest says {size}'
+  return None
+
+
+def short_reason(message: str) -> str:
+  """The line of a TF error message that says what went wrong, without node and op names.
+
+  A step's error is "Graph execution error:", the Python stack of the node, then the op's own
+  message and "[[{{node ...}}]]"; an eager one is "{{function_node ...}} message [Op:...]".
+  """
+  lines = [line for line in message.splitlines() if line.strip() and not line[0].isspace()
+           and not line.startswith(('Graph execution error', 'Detected at node'))]
+  reason = (lines[-1] if lines else message).split('[Op:')[0].split('[[')[0]
+  reason = re.sub(r'^.*Error in user-defined function passed to .*? transformation with '
+                  r'iterator: \S+: ', '', reason.split('}} ', 1)[-1])
+  return errors.one_line(reason)[:300]

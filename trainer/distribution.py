@@ -141,8 +141,7 @@ def create_runtime(kind: str = 'auto', precision: str = 'auto',
         lambda: tf.distribute.MultiWorkerMirroredStrategy(communication_options=options))
     resolver = strategy.cluster_resolver
     task_type, index = resolver.task_type, resolver.task_id
-    is_chief = task_type == 'chief' or (task_type == 'worker' and index == 0 and
-                                        'chief' not in spec['cluster'])
+    is_chief = _is_chief(spec, task_type, index)
     num_workers = _num_tasks(spec)
   else:
     if kind == 'mirrored':
@@ -157,6 +156,24 @@ def create_runtime(kind: str = 'auto', precision: str = 'auto',
   runtime = Runtime(strategy=strategy, kind=kind, is_chief=is_chief, worker_index=index,
                     num_workers=num_workers, precision=precision)
   return runtime
+
+
+def _is_chief(spec: dict, task_type: str, index: int) -> bool:
+  return task_type == 'chief' or (task_type == 'worker' and index == 0 and
+                                  'chief' not in spec['cluster'])
+
+
+def role_from_env(kind: str = 'auto') -> tuple[bool, str]:
+  """(is this process the chief, its name) from TF_CONFIG or the Indexed Job env alone.
+
+  What create_runtime would decide, without creating a strategy or contacting any peer: a
+  process whose run is already trained must not wait for peers that have finished and gone.
+  """
+  spec = tf_config_from_env()
+  if spec is None or kind not in ('auto', 'multi_worker') or _num_tasks(spec) < 2:
+    return True, 'worker 0'
+  task_type, index = spec['task']['type'], spec['task']['index']
+  return _is_chief(spec, task_type, index), f'worker {task_type}:{index}'
 
 
 def _bounded(seconds: int, message: str, fn):

@@ -84,6 +84,7 @@ def evaluate_model_dir(model_dir: str, data_dir: str, split: str,
   from tfrecords_builder import manifest as manifest_lib  # pylint: disable=g-import-not-at-top
   # pylint: disable=g-import-not-at-top
   from trainer import calibration, distribution, losses, posttrain, train
+  from trainer import data
   model_dir = model_dir.rstrip('/')
   config = train.load_config(model_dir)
   spec = read_spec(model_dir)
@@ -94,6 +95,7 @@ def evaluate_model_dir(model_dir: str, data_dir: str, split: str,
   manifest.split(split)
   if calibration_split:
     manifest.split(calibration_split)
+  data.check_shards(manifest, (split,) + ((calibration_split,) if calibration_split else ()))
   if tuple(manifest.class_names) != spec.class_names:
     raise ConfigError(f'{data_dir}: classes {", ".join(manifest.class_names)} differ from the '
                       f'model\'s ({", ".join(spec.class_names)})')
@@ -164,8 +166,13 @@ def main(argv):
     except ValueError:
       raise ConfigError(f'--eval_scales: {",".join(_EVAL_SCALES.value)!r} is not a comma-'
                         'separated list of numbers') from None
-  result = evaluate_model_dir(_MODEL_DIR.value, _DATA_DIR.value, _SPLIT.value,
-                              _LOGIT_ADJUSTMENT.value, _CALIBRATION_SPLIT.value, scales)
+  from tfrecords_builder import manifest as manifest_lib  # pylint: disable=g-import-not-at-top
+  from trainer import data  # pylint: disable=g-import-not-at-top
+  splits = (_SPLIT.value,) + ((_CALIBRATION_SPLIT.value,) if _CALIBRATION_SPLIT.value else ())
+  # A shard failing mid-read: one line naming it, exit 2 (see data.read_errors).
+  with data.read_errors(manifest_lib.read(_DATA_DIR.value.rstrip('/')), splits, 'evaluating'):
+    result = evaluate_model_dir(_MODEL_DIR.value, _DATA_DIR.value, _SPLIT.value,
+                                _LOGIT_ADJUSTMENT.value, _CALIBRATION_SPLIT.value, scales)
   text = json.dumps(result, indent=2) + '\n'
   if _OUTPUT.value:
     from camvid_common.fileio import write_atomic  # pylint: disable=g-import-not-at-top

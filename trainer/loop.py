@@ -24,6 +24,7 @@ from typing import Any, Callable, Protocol
 import numpy as np
 import tensorflow as tf
 
+from camvid_common import errors
 from trainer import distribution
 from trainer import history as history_lib
 
@@ -33,6 +34,63 @@ HISTORY_METRICS = ('loss', 'pixel_accuracy', 'mean_iou')
 
 class Preempted(Exception):
   """Raised after a SIGTERM once the backup is saved; the entry point exits retryably."""
+
+
+# What reading a truncated, partly copied or missing backup file raises (a short data file:
+# IndexError 'Read less bytes than requested'; a short index or a missing file: OpError).
+_UNREADABLE = (tf.errors.OpError, IndexError, ValueError)
+_FIND = object()
+
+
+@dataclasses.dataclass(frozen=True)
+class Backup:
+  """The newest backup every tensor of which could be read, and its loop counters."""
+  path: str
+  epoch: int
+  step_in_epoch: int
+  stopped_early: bool
+
+
+def newest_readable_backup(ckpt_dir: str, log: Callable[[str], Any]) -> Backup | None:
+  """The newest backup in ckpt_dir that reads whole (None: there is none).
+
+  Backups are tried newest first (the CheckpointManager keeps two, so a backup cut short by a
+  crash or a partial copy leaves the one before it); each one skipped is named in one warning
+  line. Reading every tensor before restoring keeps a failed read from half-restoring the
+  variables. Every worker of a multi-worker run reads the same shared ckpt_dir, so all of them
+  settle on the same backup and stay in step.
+
+  Raises:
+    InputError: backups exist but none can be read (restarting cannot help; exit 2).
+  """
+  state = tf.train.get_checkpoint_state(ckpt_dir)
+  paths = list(reversed(state.all_model_checkpoint_paths)) if state else []
+  if state and state.model_checkpoint_path and state.model_checkpoint_path not in paths:
+    paths.insert(0, state.model_checkpoint_path)
+  skipped = []  # (path, reason)
+  for path in paths:
+    if not path.startswith('/') and '://' not in path:
+      path = f'{ckpt_dir.rstrip("/")}/{path}'
+    try:
+      reader = tf.train.load_checkpoint(path)
+      for key in reader.get_variable_to_shape_map():
+        reader.get_tensor(key)  # Read and dropped: only a whole read shows the file is whole.
+      counter = lambda name: reader.get_tensor(f'{name}/.ATTRIBUTES/VARIABLE_VALUE')
+      backup = Backup(path, int(counter('epoch')), int(counter('step_in_epoch')),
+                      bool(counter('stopped_early')))
+    except (*_UNREADABLE, KeyError) as e:
+      reason = errors.one_line(getattr(e, 'message', None) or e or type(e).__name__)
+      skipped.append((path, reason[:200]))
+      continue
+    for bad, reason in skipped:
+      log(f'warning: backup {bad} cannot be read ({reason}); resuming from {path}')
+    return backup
+  if skipped:
+    raise errors.InputError(
+        f'{ckpt_dir}: no backup can be read (' +
+        '; '.join(f'{bad}: {reason}' for bad, reason in skipped) +
+        '); restore them, or move the directory away to train from the start')
+  return None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,7 +185,7 @@ class Loop:
     self.checkpoint = tf.train.Checkpoint(
         epoch=self.epoch, step_in_epoch=self.step_in_epoch, best_miou=self.best_value,
         best_epoch=self.best_epoch, stopped_early=self.stopped, **trackables)
-    self.latest = tf.train.latest_checkpoint(ckpt_dir)
+    self.ckpt_dir = ckpt_dir
     self.manager = tf.train.CheckpointManager(
         self.checkpoint, distribution.write_dir(ckpt_dir, runtime), max_to_keep=2)
     self.best_manager = tf.train.CheckpointManager(
@@ -144,11 +202,13 @@ class Loop:
 
     self._agree = agree
 
-  def restore(self) -> None:
-    """Continues from the newest backup, if there is one."""
-    if self.latest:
-      self.checkpoint.restore(self.latest).assert_existing_objects_matched()
-      self.log(f'resumed from {self.latest}: epoch {int(self.epoch)}, step '
+  def restore(self, backup=_FIND) -> None:
+    """Continues from `backup` (default: newest_readable_backup's, which names any skipped)."""
+    if backup is _FIND:
+      backup = newest_readable_backup(self.ckpt_dir, self.log)
+    if backup:
+      self.checkpoint.restore(backup.path).assert_existing_objects_matched()
+      self.log(f'resumed from {backup.path}: epoch {int(self.epoch)}, step '
                f'{int(self.step_in_epoch)} of it')
 
   def global_step(self) -> int:

@@ -48,7 +48,7 @@ def evaluate_model(model, config, spec: inference.Spec, manifest, split: str,
 
 
 def finish(config, spec: inference.Spec, manifest, model_dir: str, checkpoint: str, log,
-           export: bool = True) -> dict:
+           export: bool = True, serving_root: str | None = None) -> dict:
   """Post-training, chief only: calibration (if configured), final evaluation on val, export.
 
   Runs on a fresh single-device model restored from `checkpoint` (the best), so no collective
@@ -83,4 +83,7 @@ def finish(config, spec: inference.Spec, manifest, model_dir: str, checkpoint: s
   if export:
     export_lib.export_model(model, f'{model_dir}/export', spec)
     log(f'exported to {model_dir}/export')
+  if export and serving_root:
+    export_lib.write_serving_root(model, serving_root, spec)
+    log(f'serving SavedModel also at {serving_root} (Vertex AI model import)')
   return result

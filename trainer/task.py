@@ -177,8 +177,11 @@ def main(argv):
     raise errors.ConfigError('--data_dir is required (a tfrecords_builder output dir)')
   if not model_dir:
     raise errors.ConfigError('--model_dir is required (or set AIP_MODEL_DIR)')
+  # Vertex AI imports a model from the root of AIP_MODEL_DIR (when it is the model_dir).
+  serving_root = model_dir if not _MODEL_DIR.value else None
   train.run(config, _DATA_DIR.value, model_dir, log=print,
-            checkpoint_dir=vertex.get('checkpoint_dir'), log_dir=vertex.get('log_dir'))
+            checkpoint_dir=vertex.get('checkpoint_dir'), log_dir=vertex.get('log_dir'),
+            serving_root=serving_root)
   return 0
 
 

@@ -19,6 +19,7 @@ model_dir layout:
 import json
 import logging
 
+import keras
 import numpy as np
 import tensorflow as tf
 
@@ -75,6 +76,9 @@ def check_resumable(model_dir: str, config: configs.Config) -> None:
   say how the reported model was trained.
   """
   recorded = load_config(model_dir)
+  if config.data.batch_size_per_replica:
+    # Resolved from the replicas when the run starts; the per-replica size is what is compared.
+    config = config.replace(**{'data.batch_size': recorded.data.batch_size})
   changed = [f'{path} {_show(configs.get(recorded, path))} -> {_show(configs.get(config, path))}'
              for path in configs.FIELDS
              if not configs.resumable(path) and
@@ -100,10 +104,14 @@ def _read_inputs(config: configs.Config, data_dir: str, model_dir: str,
                      ('AIP_CHECKPOINT_DIR', checkpoint_dir), ('AIP_TENSORBOARD_LOG_DIR', log_dir)):
     fileio.check_bucket(path, flag)
   manifest = manifest_lib.read(data_dir.rstrip('/'))
-  for split in ('train', 'val') + ((config.eval.calibration_split,) if config.eval.calibration_split
-                                    else ()):
+  for split in _splits_read(config):
     manifest.split(split)
+  data.check_shards(manifest, _splits_read(config))
   return manifest
+
+
+def _splits_read(config: configs.Config) -> tuple[str, ...]:
+  return ('train', 'val') + ((config.eval.calibration_split,) if config.eval.calibration_split else ())
 
 
 def _check_runtime(config: configs.Config, runtime: distribution.Runtime) -> None:
@@ -133,10 +141,12 @@ def _loop_settings(config: configs.Config, steps_per_epoch: int) -> loop.Setting
 def run(config: configs.Config, data_dir: str, model_dir: str, *,
         runtime: distribution.Runtime | None = None, log=logging.info,
         checkpoint_dir: str | None = None, log_dir: str | None = None,
-        export: bool = True) -> dict:
+        export: bool = True, serving_root: str | None = None) -> dict:
   """Trains, evaluates the best checkpoint on val, exports; returns the final metrics.
 
-  Re-running the same call continues from the last backup in model_dir.
+  Re-running the same call continues from the newest readable backup in model_dir; once
+  training is complete it forms no cluster: the chief redoes post-training alone, other workers
+  return {} at once.
 
   Args:
     config: the resolved config.
@@ -147,6 +157,8 @@ def run(config: configs.Config, data_dir: str, model_dir: str, *,
     checkpoint_dir: backups and best weights (default model_dir; Vertex AI's AIP_CHECKPOINT_DIR).
     log_dir: TensorBoard logs (default model_dir/logs; Vertex AI's AIP_TENSORBOARD_LOG_DIR).
     export: write export/ at the end (a tuner's trials skip it).
+    serving_root: also write the serving SavedModel at this dir's root (Vertex AI's
+      AIP_MODEL_DIR, where its model import looks).
 
   Raises:
     ConfigError / InputError: bad config or data, before any training.
@@ -155,6 +167,16 @@ def run(config: configs.Config, data_dir: str, model_dir: str, *,
   configs.validate(config)
   manifest = _read_inputs(config, data_dir, model_dir, checkpoint_dir, log_dir)
   model_dir = model_dir.rstrip('/')
+  checkpoint_root = (checkpoint_dir or model_dir).rstrip('/')
+  ckpt_dir, best_dir = f'{checkpoint_root}/checkpoints', f'{checkpoint_root}/best'
+  if tf.train.latest_checkpoint(ckpt_dir) and tf.io.gfile.exists(f'{model_dir}/{CONFIG_NAME}'):
+    check_resumable(model_dir, config)
+  # Before any cluster forms: a worker of a run that is already trained (a rerun of a finished
+  # Job's pod) must not wait for peers that have finished and gone.
+  backup = loop.newest_readable_backup(ckpt_dir, log)
+  if backup and (backup.epoch >= config.trainer.epochs or backup.stopped_early):
+    return _post_train_only(config, manifest, model_dir, best_dir, backup, runtime, log, export,
+                            serving_root)
   runtime = runtime or distribution.create_runtime(
       config.runtime.strategy, config.runtime.mixed_precision,
       config.runtime.peer_timeout_seconds)
@@ -169,10 +191,6 @@ def run(config: configs.Config, data_dir: str, model_dir: str, *,
       f'{config.data.batch_size // runtime.num_replicas}; learning rate '
       f'{segmentation.peak_learning_rate(config):g} (scaling: {config.optimizer.lr_scaling}); '
       f'{steps_per_epoch} steps/epoch, {config.trainer.epochs} epochs')
-  checkpoint_root = (checkpoint_dir or model_dir).rstrip('/')
-  ckpt_dir, best_dir = f'{checkpoint_root}/checkpoints', f'{checkpoint_root}/best'
-  if tf.train.latest_checkpoint(ckpt_dir) and tf.io.gfile.exists(f'{model_dir}/{CONFIG_NAME}'):
-    check_resumable(model_dir, config)
   spec = segmentation.inference_spec(config, manifest.class_names,
                                      segmentation.class_weights_for(config, manifest),
                                      manifest.class_colors, manifest.ignore_label)
@@ -195,8 +213,9 @@ def run(config: configs.Config, data_dir: str, model_dir: str, *,
   steps = segmentation.make_steps(model, optimizer, runtime.strategy, config, spec,
                                   train_model=train_model, average=average)
   log_dir = (log_dir or f'{model_dir}/logs').rstrip('/')
-  task = segmentation.SegmentationTask(config, manifest, spec, runtime, model, steps, average,
-                                       log_dir)
+  with data.read_errors(manifest, ('val',), 'reading the summary frames'):
+    task = segmentation.SegmentationTask(config, manifest, spec, runtime, model, steps, average,
+                                         log_dir)
   log(task.describe_input())
   trackables = {'model': model, 'optimizer': optimizer,
                 **({'train_model': train_model} if train_model else {}),
@@ -204,13 +223,44 @@ def run(config: configs.Config, data_dir: str, model_dir: str, *,
   training = loop.Loop(task, _loop_settings(config, steps_per_epoch), runtime, optimizer,
                        trackables, {'model': model}, ckpt_dir, best_dir,
                        f'{model_dir}/{history_lib.HISTORY_NAME}', f'{log_dir}/profile', log)
-  training.restore()
-  training.run()
+  training.restore(backup)
+  with data.read_errors(manifest, ('train', 'val'), 'training'):
+    training.run()
   log(f'worker {runtime.worker_index}: final weights checksum {weights_checksum(model):.9e}')
   if not runtime.is_chief:
     return {}
-  return posttrain.finish(config, spec, manifest, model_dir, tf.train.latest_checkpoint(best_dir),
-                          log, export)
+  with data.read_errors(manifest, _splits_read(config), 'post-training'):
+    return posttrain.finish(config, spec, manifest, model_dir,
+                            tf.train.latest_checkpoint(best_dir), log, export, serving_root)
+
+
+def _post_train_only(config, manifest, model_dir, best_dir, backup, runtime, log,
+                     export, serving_root) -> dict:
+  """A rerun of a trained run: the chief redoes post-training alone, other workers just exit.
+
+  No strategy is created (runtime, if given, only says who is the chief): the peers may be gone
+  for good. Post-training rewrites calibration.json, inference.json, metrics.json and export/
+  whole each time (a crash part-way leaves export/ without labels.json, which it replaces), so
+  however far an earlier attempt got, the result is one consistent set.
+  """
+  is_chief, name = ((runtime.is_chief, f'worker {runtime.worker_index}') if runtime
+                    else distribution.role_from_env(config.runtime.strategy))
+  stopped = ', stopped early' if backup.stopped_early else ''
+  log(f'resumed from {backup.path}: training complete (epoch {backup.epoch} of '
+      f'{config.trainer.epochs}{stopped}); ' +
+      ('post-training alone, without the other workers' if is_chief
+       else f'{name} has nothing left to do (post-training is the chief\'s)'))
+  if not is_chief:
+    return {}
+  if runtime is None:
+    keras.mixed_precision.set_global_policy(
+        distribution.choose_precision(config.runtime.mixed_precision))
+  spec = segmentation.inference_spec(config, manifest.class_names,
+                                     segmentation.class_weights_for(config, manifest),
+                                     manifest.class_colors, manifest.ignore_label)
+  with data.read_errors(manifest, _splits_read(config), 'post-training'):
+    return posttrain.finish(config, spec, manifest, model_dir,
+                            tf.train.latest_checkpoint(best_dir), log, export, serving_root)
 
 
 def weights_checksum(model) -> float:
