@@ -132,9 +132,13 @@ def test_values_that_need_another_field_name_both():
   with pytest.raises(ValueError, match='^loss.aux_loss_weight: 1.0 needs model.depth >= 2, '
                      'not model.depth 1$'):
     configs.validate(config.replace(**{'loss.aux_loss_weight': 1.0, 'model.depth': 1}))
-  with pytest.raises(ValueError, match=r'^data.image_size: 30x30 must be positive multiples of '
+  # Training batches tile the stride; whole frames of another size are padded at inference.
+  with pytest.raises(ValueError, match=r'^data.crop_size: 30x30 must be positive multiples of '
                      r'model.stem_stride \* 2\*\*model.depth = 32$'):
-    configs.validate(config.replace(**{'data.image_size': (30, 30)}))
+    configs.validate(config.replace(**{'data.crop_size': (30, 30)}))
+  configs.validate(config.replace(**{'data.image_size': (360, 480)}))
+  with pytest.raises(ValueError, match=r'^data.image_size: 360x480 must be positive multiples'):
+    configs.validate(config.replace(**{'data.image_size': (360, 480), 'data.crop_size': None}))
 
 
 @pytest.mark.parametrize('field, value', [
