@@ -620,6 +620,19 @@ def test_train_and_tune_jobs_run_the_settings_preset(variants, variant):
       'camvid-train', 'camvid-tune-chief', 'camvid-tune-workers')}
 
 
+def test_train_workers_wait_for_peers_that_start_minutes_apart(variants):
+  """Cluster formation allows 30 min (node auto-provisioning, image pulls); the trainer's own
+  override parser reads the value."""
+  from trainer import configs  # pylint: disable=g-import-not-at-top
+  job, _ = _train(variants['base'][0])
+  (container,) = job['spec']['template']['spec']['containers']
+  (arg,) = [a for a in container['args'] if a.startswith('--params_override=')]
+  overrides = configs.parse_params_override(arg.partition('=')[2])
+  config = configs.override(configs.get_config('gpu'), overrides, '--params_override')
+  assert config.runtime.formation_timeout_seconds == 1800
+  assert config.runtime.peer_timeout_seconds == 300  # Collectives still fail fast.
+
+
 @pytest.mark.parametrize('variant', ['base', 'scaled', 'prefixed', 'local-cpu', 'digest'])
 def test_one_image_and_one_bucket_layout_everywhere(variants, variant):
   objects, settings = variants[variant]

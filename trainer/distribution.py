@@ -112,9 +112,14 @@ def choose_precision(mode: str) -> str:
   return 'mixed_bfloat16' if capability >= (8, 0) else 'mixed_float16'
 
 
-def create_runtime(kind: str = 'auto', precision: str = 'auto',
-                   timeout_seconds: int = 300) -> Runtime:
-  """Chooses and creates the strategy (call once, before building any model)."""
+def create_runtime(kind: str = 'auto', precision: str = 'auto', timeout_seconds: int = 300,
+                   formation_timeout_seconds: int | None = None) -> Runtime:
+  """Chooses and creates the strategy (call once, before building any model).
+
+  Collectives fail after `timeout_seconds`; forming a multi-worker cluster after
+  `formation_timeout_seconds` (default: the same).
+  """
+  formation = formation_timeout_seconds or timeout_seconds
   spec = tf_config_from_env()
   if kind == 'auto':
     if _num_tasks(spec) > 1:
@@ -134,9 +139,9 @@ def create_runtime(kind: str = 'auto', precision: str = 'auto',
     options = tf.distribute.experimental.CommunicationOptions(timeout_seconds=timeout_seconds)
     peers = ', '.join(h for hosts in spec['cluster'].values() for h in hosts)
     strategy = _bounded(
-        timeout_seconds,
+        formation,
         f'worker {spec["task"]["type"]}:{spec["task"]["index"]} could not form the cluster with '
-        f'{peers} within {timeout_seconds} s (peers down, wrong host names or a firewall); '
+        f'{peers} within {formation} s (peers down, wrong host names or a firewall); '
         'exiting so the Job can restart the worker',
         lambda: tf.distribute.MultiWorkerMirroredStrategy(communication_options=options))
     resolver = strategy.cluster_resolver

@@ -179,7 +179,7 @@ def run(config: configs.Config, data_dir: str, model_dir: str, *,
                             serving_root)
   runtime = runtime or distribution.create_runtime(
       config.runtime.strategy, config.runtime.mixed_precision,
-      config.runtime.peer_timeout_seconds)
+      config.runtime.peer_timeout_seconds, config.runtime.formation_timeout_seconds)
   if config.data.batch_size_per_replica:
     config = config.replace(**{
         'data.batch_size': config.data.batch_size_per_replica * runtime.num_replicas})

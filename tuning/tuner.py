@@ -100,7 +100,8 @@ def create_runtime(base: configs.Config):
   kind = strategy_kind(base.runtime.strategy, len(tf.config.list_logical_devices('GPU')),
                        len(tf.config.list_logical_devices('CPU')))
   runtime = distribution.create_runtime(kind, base.runtime.mixed_precision,
-                                       base.runtime.peer_timeout_seconds)
+                                       base.runtime.peer_timeout_seconds,
+                                       base.runtime.formation_timeout_seconds)
   try:
     data.check_batch(base.data.batch_size, runtime.num_replicas, 'data.batch_size')
     data.check_batch(base.eval.batch_size or base.data.batch_size, runtime.num_replicas,

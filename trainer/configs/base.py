@@ -248,6 +248,11 @@ class RuntimeConfig(_Group):
   # A worker that cannot reach its peers (at start-up or in a collective) fails after this long
   # instead of hanging; the Job then restarts it.
   peer_timeout_seconds: int = 300
+  # How long a worker waits for all its peers to start before its watchdog ends it (exit 137);
+  # None = peer_timeout_seconds. k8s/train-job.yaml allows 1800: GPU node auto-provisioning and
+  # multi-GB image pulls start a Job's pods minutes apart, and every early kill counts against
+  # backoffLimit. Collectives keep peer_timeout_seconds, so a dead peer mid-run fails fast.
+  formation_timeout_seconds: int | None = None
   # XLA for the replica step; one device only (refused under mirrored and multi_worker).
   jit_compile: bool = False
   # Keep decoded train frames in memory when one input pipeline's share fits in this many MiB
@@ -258,6 +263,8 @@ class RuntimeConfig(_Group):
   def _ranges(self):
     return {
         'peer_timeout_seconds': self.peer_timeout_seconds >= 1,
+        'formation_timeout_seconds': (self.formation_timeout_seconds is None or
+                                      self.formation_timeout_seconds >= 1),
         'cache_decoded_mb': self.cache_decoded_mb >= 0, 'shuffle_buffer': self.shuffle_buffer >= 1,
     }
 
@@ -407,7 +414,8 @@ FLAT_NAMES = {
     'cache_decoded_mb': 'runtime.cache_decoded_mb', 'shuffle_buffer': 'runtime.shuffle_buffer',
     'seed': 'seed', 'steps_per_epoch': 'steps_per_epoch',
 }
-# Fields added after the grouping (data.batch_size_per_replica) have no flat name.
+# Fields added after the grouping (data.batch_size_per_replica, runtime.formation_timeout_seconds)
+# have no flat name.
 assert len(set(FLAT_NAMES.values())) == len(FLAT_NAMES) and set(FLAT_NAMES.values()) <= set(FIELDS)
 
 # Fields of rejected experiments that the trainer no longer has, with the values that meant
