@@ -31,7 +31,8 @@ RUN python3 -m pip install "tensorflow==${TF_VERSION}" "tensorboard-plugin-profi
     && rm -rf /tmp/camvid-seg \
     && cd / \
     && for module in trainer.task trainer.evaluate trainer.predict tuning.tune \
-                     tfrecords_builder.__main__ tfrecords_builder.synthetic tensorboard.main; do \
+                     tfrecords_builder.__main__ tfrecords_builder.synthetic \
+                     tfrecords_builder.folds tensorboard.main; do \
          python3 -c "import ${module}" || exit 1; \
        done \
     && python3 -c "from tensorboard import default; \

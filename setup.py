@@ -41,6 +41,7 @@ setuptools.setup(
         'console_scripts': [
             'camvid-build-tfrecords=tfrecords_builder.__main__:run',
             'camvid-synthetic=tfrecords_builder.synthetic:run',
+            'camvid-folds=tfrecords_builder.folds:run',
             'camvid-train=trainer.task:run',
             'camvid-evaluate=trainer.evaluate:run',
             'camvid-predict=trainer.predict:run',
