@@ -293,7 +293,7 @@ def test_calibration_is_fitted_on_train_and_used_by_metrics_export_and_evaluate(
   # multiple of 4), which the calibration, the metrics, the export and trainer.evaluate must all
   # use alike.
   model_dir = smoke_run.model_dir
-  assert json.loads((model_dir / 'config.json').read_text())['calibration_split'] == 'train'
+  assert json.loads((model_dir / 'config.json').read_text())['eval']['calibration_split'] == 'train'
   stdout = smoke_run.stdout
   assert 'calibration on train (' in stdout and 'val without calibration: mIoU' in stdout
   record = json.loads((model_dir / 'calibration.json').read_text())

@@ -73,7 +73,7 @@ def _level(x, filters: int, prefix: str, norm):
 
 
 def _check_unet_args(num_classes, image_size, base_filters, depth, dropout, stem_stride,
-                     sync_batchnorm, fused_batchnorm) -> None:
+                     sync_batchnorm, fused_batchnorm, any_size) -> None:
   """build_unet's argument checks (ValueError naming the argument)."""
   if num_classes < 1:
     raise ValueError(f'num_classes must be >= 1, got {num_classes}')
@@ -91,7 +91,8 @@ def _check_unet_args(num_classes, image_size, base_filters, depth, dropout, stem
     raise ValueError(f'image_size must be (height, width), got {image_size!r}')
   height, width = (int(s) for s in image_size)
   stride = size_multiple(stem_stride, depth)
-  if height <= 0 or width <= 0 or height % stride or width % stride:
+  # With any_size the input is padded to the stride by its caller (model.predict_logits).
+  if height <= 0 or width <= 0 or (not any_size and (height % stride or width % stride)):
     raise ValueError(f'image_size {tuple(image_size)} must be positive and divisible by '
                      f'stem_stride * 2**depth = {stride}')
 
@@ -111,8 +112,9 @@ def build_unet(num_classes: int,
 
   Args:
     num_classes: Number of output classes (logit channels). Void is not a class.
-    image_size: (height, width) of the input; both must be divisible by stem_stride * 2**depth
-      so every pooled feature map upsamples back to exactly the size of its skip connection.
+    image_size: (height, width) of the input; unless any_size, both must be divisible by
+      stem_stride * 2**depth so every pooled feature map upsamples back to exactly the size of
+      its skip connection (with any_size, callers pad inputs to that multiple).
     base_filters: Filters of the first encoder level; level i uses base_filters * 2**i and the
       bottleneck base_filters * 2**depth.
     depth: Number of encoder (and decoder) levels.
@@ -140,7 +142,7 @@ def build_unet(num_classes: int,
     ValueError: If an argument is out of range or image_size is not divisible by 2**depth.
   """
   _check_unet_args(num_classes, image_size, base_filters, depth, dropout, stem_stride,
-                   sync_batchnorm, fused_batchnorm)
+                   sync_batchnorm, fused_batchnorm, any_size)
   height, width = (int(s) for s in image_size)
 
   def norm(layer_name):
