@@ -39,7 +39,6 @@ class Preempted(Exception):
 # What reading a truncated, partly copied or missing backup file raises (a short data file:
 # IndexError 'Read less bytes than requested'; a short index or a missing file: OpError).
 _UNREADABLE = (tf.errors.OpError, IndexError, ValueError)
-_FIND = object()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,7 +184,6 @@ class Loop:
     self.checkpoint = tf.train.Checkpoint(
         epoch=self.epoch, step_in_epoch=self.step_in_epoch, best_miou=self.best_value,
         best_epoch=self.best_epoch, stopped_early=self.stopped, **trackables)
-    self.ckpt_dir = ckpt_dir
     self.manager = tf.train.CheckpointManager(
         self.checkpoint, distribution.write_dir(ckpt_dir, runtime), max_to_keep=2)
     self.best_manager = tf.train.CheckpointManager(
@@ -202,10 +200,8 @@ class Loop:
 
     self._agree = agree
 
-  def restore(self, backup=_FIND) -> None:
-    """Continues from `backup` (default: newest_readable_backup's, which names any skipped)."""
-    if backup is _FIND:
-      backup = newest_readable_backup(self.ckpt_dir, self.log)
+  def restore(self, backup: Backup | None) -> None:
+    """Continues from `backup` (newest_readable_backup's choice); None starts afresh."""
     if backup:
       self.checkpoint.restore(backup.path).assert_existing_objects_matched()
       self.log(f'resumed from {backup.path}: epoch {int(self.epoch)}, step '
