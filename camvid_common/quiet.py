@@ -59,6 +59,9 @@ def verbose_requested(argv) -> bool:
 
   Args:
     argv: the arguments after the program name.
+
+  Returns:
+    Whether they leave `--verbose` on.
   """
   verbose = False
   for arg in argv:
@@ -151,14 +154,14 @@ def _stderr_fd_captured():
   python_stderr = sys.stderr
   try:
     python_stderr.flush()
+    captured = tempfile.TemporaryFile()
     real = os.dup(2)
-  except (AttributeError, OSError):  # No sys.stderr or no fd 2: nothing to hide.
+  except (AttributeError, OSError):  # No sys.stderr, temporary dir or fd 2: nothing hidden.
     yield
     return
   faulthandler_was_on = faulthandler.is_enabled()
-  with tempfile.TemporaryFile() as captured, open(
-      real, 'w', encoding=getattr(python_stderr, 'encoding', None) or 'utf-8',
-      errors='backslashreplace', buffering=1) as real_stderr:
+  with captured, open(real, 'w', encoding=getattr(python_stderr, 'encoding', None) or 'utf-8',
+                      errors='backslashreplace', buffering=1) as real_stderr:
     os.dup2(captured.fileno(), 2)
     sys.stderr = real_stderr
     faulthandler.enable(real_stderr)
