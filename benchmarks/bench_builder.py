@@ -21,8 +21,11 @@ import sys
 import tempfile
 import time
 
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from camvid_common import quiet  # pylint: disable=g-import-not-at-top
+
+quiet.start()  # Before anything imports TensorFlow: hides its load-time C++ log.
 
 from camvid_common import errors  # pylint: disable=g-import-not-at-top
 from tfrecords_builder import layouts  # pylint: disable=g-import-not-at-top
@@ -64,6 +67,7 @@ def main():
   parser = errors.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--input_dir', default=str(DEFAULT_INPUT))
   parser.add_argument('--repeats', type=int, default=5)
+  quiet.add_argument(parser)
   args = parser.parse_args()
   if not pathlib.Path(args.input_dir, 'train').is_dir() and not args.input_dir.startswith('gs://'):
     raise errors.InputError(f'--input_dir {args.input_dir}: no CamVid frames there')

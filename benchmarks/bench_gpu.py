@@ -16,13 +16,15 @@ MirroredStrategy's scaling over one. About 5 minutes on one L4 at the default st
 line: RESULT gpu_images_per_s=<float>, the first preset's images/s per device, XLA off.
 """
 
-import os
 import pathlib
 import sys
 import time
 
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from camvid_common import quiet  # pylint: disable=g-import-not-at-top
+
+quiet.start()  # Before anything imports TensorFlow: hides its load-time C++ log.
 
 # pylint: disable=g-import-not-at-top
 import trainer  # pylint: disable=unused-import  # First: sets TensorFlow's CPU options.
@@ -125,6 +127,7 @@ def main():
   parser.add_argument('--device', choices=('gpu', 'cpu'), default='gpu')
   parser.add_argument('--steps', type=int, default=30)
   parser.add_argument('--presets', default='gpu,seed_unet')
+  quiet.add_argument(parser)
   args = parser.parse_args()
   names = args.presets.split(',')
   unknown = [n for n in names if n not in configs.PRESETS]

@@ -20,13 +20,16 @@ import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
+from camvid_common import quiet  # pylint: disable=g-import-not-at-top
+
+quiet.start()  # Before anything imports TensorFlow: hides its load-time C++ log.
+
 from camvid_common import errors  # pylint: disable=g-import-not-at-top
 from camvid_common import sizes  # pylint: disable=g-import-not-at-top
 
 
 def measure(data_dir: str, image_size: tuple[int, int], epochs: int, cache_mb: int) -> dict:
   """Images/s of the first epoch and of the later ones, in this process."""
-  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
   # pylint: disable=g-import-not-at-top
   from tfrecords_builder import manifest as manifest_lib
   from trainer import configs
@@ -61,6 +64,7 @@ def main():
   parser.add_argument('--epochs', type=int, default=4)
   parser.add_argument('--cache_mb', type=int, default=2048)
   parser.add_argument('--child_cores', type=int, default=0, help=argparse.SUPPRESS)
+  quiet.add_argument(parser)
   args = parser.parse_args()
   size = sizes.parse_hxw(args.image_size, '--image_size')
   if args.child_cores:

@@ -24,8 +24,11 @@ import statistics
 import sys
 import time
 
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from camvid_common import quiet  # pylint: disable=g-import-not-at-top
+
+quiet.start()  # Before anything imports TensorFlow: hides its load-time C++ log.
 
 # pylint: disable=g-import-not-at-top
 import trainer  # pylint: disable=unused-import  # First: sets TensorFlow's CPU options.
@@ -103,6 +106,7 @@ def main():
   # A change the preset already holds would time the preset against itself.
   parser.add_argument('--hparams', default='{"loss.aux_loss_weight": 0.0, "optimizer.ema_momentum": 0.0}',
                       help='JSON object of config overrides')
+  quiet.add_argument(parser)
   args = parser.parse_args()
   base = configs.get_config(args.config)
   try:

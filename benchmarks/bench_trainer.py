@@ -22,8 +22,11 @@ import sys
 import tempfile
 import time
 
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from camvid_common import quiet  # pylint: disable=g-import-not-at-top
+
+quiet.start()  # Before anything imports TensorFlow: hides its load-time C++ log.
 
 # pylint: disable=g-import-not-at-top
 import trainer  # pylint: disable=unused-import  # First: sets TensorFlow's CPU options.
@@ -99,6 +102,7 @@ def main():
   parser.add_argument('--data_dir', help='tfrecords_builder output (default: generated scenes)')
   parser.add_argument('--config', default='small')
   parser.add_argument('--steps', type=int, default=20, help='training steps per epoch')
+  quiet.add_argument(parser)
   args = parser.parse_args()
   config = configs.get_config(args.config).replace(**{
       'trainer.epochs': 2, 'steps_per_epoch': args.steps, 'eval.num_summary_images': 1,

@@ -49,7 +49,8 @@ def run_app(main, handlers=(), quiet_tensorflow: bool = False) -> None:
     handlers: extra (exception type, exit code, prefix) triples, checked first; such an
       exception prints `<prefix>: <message>` on one line and exits with its code.
     quiet_tensorflow: raise TensorFlow's and absl's Python log level to WARNING before `main`
-      runs: their INFO lines (checkpoint sharding, SavedModel assets) drown a run's own log.
+      runs, unless `--verbose` (camvid_common/quiet.py) is on: their INFO lines (checkpoint
+      sharding, SavedModel assets) drown a run's own log.
   """
   from absl import app  # pylint: disable=g-import-not-at-top
   from absl import flags  # pylint: disable=g-import-not-at-top
@@ -61,7 +62,7 @@ def run_app(main, handlers=(), quiet_tensorflow: bool = False) -> None:
       _exit_with('error', e, EXIT_INPUT_ERROR)
     if len(argv) > 1:
       _exit_with('error', f'unexpected arguments: {" ".join(argv[1:])}', EXIT_INPUT_ERROR)
-    if quiet_tensorflow:
+    if quiet_tensorflow and not flags.FLAGS.get_flag_value('verbose', False):
       from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
       absl_logging.set_verbosity(absl_logging.WARNING)
       logging.getLogger('tensorflow').setLevel(logging.WARNING)

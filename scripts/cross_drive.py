@@ -29,6 +29,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from camvid_common import errors  # pylint: disable=g-import-not-at-top
+from camvid_common import quiet  # pylint: disable=g-import-not-at-top
 from trainer import configs  # pylint: disable=g-import-not-at-top
 
 FOLD_PREFIX = 'holdout-'
@@ -52,6 +53,7 @@ def parse_args(argv):
   parser.add_argument('--output_dir', default=None,
                       help='where the runs go (default: FOLDS-runs next to --folds)')
   parser.add_argument('--parallel', type=int, default=1, help='runs at a time (default 1)')
+  quiet.add_argument(parser, 'pass --verbose on to every trainer.task run')
   args = parser.parse_args(argv)
   args.extra = extra
   if args.config not in configs.PRESETS:
@@ -97,7 +99,7 @@ def run_one(args, fold: pathlib.Path, seed: int) -> dict:
   if not (model_dir / METRICS).is_file():
     command = [sys.executable, '-m', 'trainer.task', '--config', args.config,
                '--data_dir', str(fold), '--model_dir', str(model_dir), '--seed', str(seed),
-               *args.extra]
+               *(['--verbose'] if args.verbose else []), *args.extra]
     print(f'{name}: training, log {log_path}', flush=True)
     start = time.perf_counter()
     env = dict(os.environ)

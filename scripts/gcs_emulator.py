@@ -81,6 +81,7 @@ from gcp_storage_emulator.handlers import objects as emu_objects
 # Run as `python scripts/gcs_emulator.py`: the repository root holds camvid_common.
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from camvid_common import errors  # pylint: disable=g-import-not-at-top
+from camvid_common import quiet  # pylint: disable=g-import-not-at-top
 
 # The hosts TF's GCS filesystem and Google auth libraries talk to.
 TLS_HOSTS = ('storage.googleapis.com', 'www.googleapis.com', 'oauth2.googleapis.com')
@@ -518,6 +519,7 @@ def _parse_args(argv):
   parser.add_argument('--log_requests', action='store_true', help='Log each request to stderr.')
   parser.add_argument('--stop_on_stdin_eof', action='store_true',
                       help='Exit when stdin closes (a test fixture that dies takes us along).')
+  quiet.add_argument(parser, "Keep the emulator library's warning per response.")
   args = parser.parse_args(argv)
   try:
     loopback = ipaddress.ip_address(args.host).is_loopback
@@ -556,9 +558,9 @@ def environment(host: str, port: int, ca_path: pathlib.Path,
 
 def main(argv=None) -> int:
   args = _parse_args(sys.argv[1:] if argv is None else argv)
-  # The emulator logs every response as a warning; its errors (tracebacks) still show.
-  for name in ('gcp_storage_emulator', 'api.object', 'api.bucket'):
-    logging.getLogger(name).setLevel(logging.ERROR)
+  if not args.verbose:  # The emulator logs every response as a warning; errors still show.
+    for name in ('gcp_storage_emulator', 'api.object', 'api.bucket'):
+      logging.getLogger(name).setLevel(logging.ERROR)
   stop = threading.Event()
   signal.signal(signal.SIGTERM, lambda *_: stop.set())
   signal.signal(signal.SIGINT, lambda *_: stop.set())

@@ -1,9 +1,10 @@
 """`python -m tfrecords_builder`: flags -> writer.build() or verify.verify(); nothing else."""
 
-import os
 import sys
 
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+from camvid_common import quiet
+
+quiet.start()  # Before anything imports TensorFlow: hides its load-time C++ log.
 
 from absl import flags
 
@@ -30,6 +31,7 @@ _RESIZE = flags.DEFINE_string('resize', None, 'HxW: resize images (area/bilinear
 _OVERWRITE = flags.DEFINE_bool('overwrite', False, 'Redo everything in --output_dir.')
 _VERIFY = flags.DEFINE_bool('verify', False, 'Read --output_dir back and check it against its '
                             'manifest instead of building.')
+quiet.define_absl_flag()
 
 
 def parse_num_shards(value: str | None) -> int | dict[str, int] | None:

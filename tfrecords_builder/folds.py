@@ -24,7 +24,9 @@ import shutil
 import sys
 import tempfile
 
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+from camvid_common import quiet
+
+quiet.start()  # Before anything imports TensorFlow: hides its load-time C++ log.
 
 from absl import flags
 
@@ -46,6 +48,7 @@ _NUM_WORKERS = flags.DEFINE_integer('num_workers', None,
                                     'Worker processes per build (default: all cores).',
                                     lower_bound=1)
 _OVERWRITE = flags.DEFINE_bool('overwrite', False, 'Rebuild folds whose dir holds another build.')
+quiet.define_absl_flag()
 
 
 def drive_of(source_id: str) -> str | None:

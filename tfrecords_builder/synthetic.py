@@ -24,6 +24,7 @@ import numpy as np
 from PIL import Image
 
 from camvid_common import errors
+from camvid_common import quiet
 from camvid_common import sizes
 
 LAYOUTS = ('kaggle', 'segnet')
@@ -466,6 +467,8 @@ def run():
   flags.DEFINE_integer('seed', 0, 'Non-negative seed; the same flags give byte-identical files.',
                        lower_bound=0)
   flags.DEFINE_bool('write_class_dict', True, 'Write class_dict.csv.')
+  # Every tool takes --verbose; this one never loads TensorFlow, so quiet.start() has no work.
+  quiet.define_absl_flag()
   errors.run_app(_main)
 
 

@@ -26,10 +26,11 @@ biases were used.
 """
 
 import json
-import os
 import sys
 
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+from camvid_common import quiet
+
+quiet.start()  # Before anything imports TensorFlow: hides its load-time C++ log.
 
 from absl import flags  # pylint: disable=g-import-not-at-top
 
@@ -51,6 +52,7 @@ _CALIBRATION_SPLIT = flags.DEFINE_string(
 _EVAL_SCALES = flags.DEFINE_list(
     'eval_scales', None, 'Override the run\'s test-time scales, e.g. 0.75,1 (config '
     'eval_scales).')
+quiet.define_absl_flag()
 
 
 def read_spec(model_dir: str):

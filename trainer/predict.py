@@ -21,8 +21,9 @@ import os
 import re
 import time
 
-# TensorFlow reads this once, when it is first imported, so it must be set before that.
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+from camvid_common import quiet
+
+quiet.start()  # Before anything imports TensorFlow: hides its load-time C++ log.
 
 from absl import flags
 import numpy as np
@@ -43,6 +44,7 @@ _INPUT = flags.DEFINE_string('input', None,
                              'An image file, or a directory of .png/.jpg/.jpeg images.')
 _OUTPUT_DIR = flags.DEFINE_string('output_dir', None, 'Where masks and overlays are written.')
 _BATCH_SIZE = flags.DEFINE_integer('batch_size', 8, 'Images per model call (same-size images).')
+quiet.define_absl_flag()
 
 
 def _op_error_text(e: tf.errors.OpError) -> str:

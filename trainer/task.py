@@ -10,7 +10,9 @@ saving a backup (rerun the same command to continue).
 import json
 import os
 
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+from camvid_common import quiet
+
+quiet.start()  # Before anything imports TensorFlow: hides its load-time C++ log.
 
 from absl import flags  # pylint: disable=g-import-not-at-top
 
@@ -56,6 +58,7 @@ _LOGICAL_CPUS = flags.DEFINE_integer('logical_cpu_devices', 0, 'Split the CPU in
                                      'devices (exercises multi-replica code on CPU).')
 _DEMO_DIR = flags.DEFINE_string('demo_dir', '/tmp/camvid-seg-demo', 'Where the no-flags demo '
                                 'writes its scenes, TFRecords and model.')
+quiet.define_absl_flag()
 
 
 # The shorthand flags and the config fields they set.

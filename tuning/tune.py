@@ -19,7 +19,9 @@ SIGTERM after the running trial saved a backup (rerun to continue); 1 anything e
 import os
 import sys
 
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+from camvid_common import quiet
+
+quiet.start()  # Before anything imports TensorFlow: hides its load-time C++ log.
 
 from absl import flags  # pylint: disable=g-import-not-at-top
 
@@ -48,6 +50,7 @@ _OVERWRITE = flags.DEFINE_bool('overwrite', False, 'Discard the search in --outp
                                'over (ignored by distributed workers; the chief does it).')
 _LOGICAL_CPUS = flags.DEFINE_integer('logical_cpu_devices', 0, 'Split the CPU into N logical '
                                      'devices (exercises MirroredStrategy trials on CPU).')
+quiet.define_absl_flag()
 
 
 def _base_config(bounds: space.Bounds) -> tuple[configs.Config, int]:
