@@ -64,7 +64,7 @@ def main():
         {'image': images[index], 'mask': masks[index]}).batch(per_replica)
 
   iterator = iter(strategy.distribute_datasets_from_function(dataset_fn))
-  loss_sum, weight_sum, _ = steps.train(iterator, tf.constant(args.steps))
+  loss_sum, weight_sum, *_ = steps.train(iterator, tf.constant(args.steps))
   fused = sum(isinstance(l, model_lib.FusedBatchNormalization) for l in model.layers)
   print(f'loss {float(loss_sum) / max(float(weight_sum), 1e-6):.6f} replicas {runtime.num_replicas} '
         f'fused_bn {fused}')

@@ -246,3 +246,19 @@ def test_params_override_file_holds_nested_or_dotted_keys(tmp_path):
   assert as_json == {'model': {'base_filters': 32}}
   with pytest.raises(ValueError, match=r'^o\.yaml: expected a mapping'):
     configs.parse_params_file('- 1\n- 2\n', 'o.yaml')
+
+
+def test_hparams_are_dotted_scalars_of_one_type_per_field():
+  """Fields that may be None or are tuples are strings in every run, so columns keep a type."""
+  base = configs.get_config('smoke')
+  other = base.replace(**{'data.crop_size': (16, 16), 'eval.calibration_split': 'train',
+                          'trainer.profile_steps': (2, 4), 'eval.scales': (0.5, 1.0)})
+  first, second = configs.hparams(base), configs.hparams(other)
+  assert list(first) == list(configs.FIELDS) == list(second)
+  for path in configs.FIELDS:
+    assert type(first[path]) is type(second[path]), path  # pylint: disable=unidiomatic-typecheck
+    assert isinstance(first[path], (bool, int, float, str)), path
+  assert (first['data.crop_size'], second['data.crop_size']) == ('None', '16x16')
+  assert (first['data.image_size'], second['trainer.profile_steps']) == ('32x32', '2,4')
+  assert (second['eval.scales'], second['eval.calibration_split']) == ('0.5,1.0', 'train')
+  assert first['model.base_filters'] == 4 and first['runtime.strategy'] == 'auto'

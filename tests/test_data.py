@@ -284,3 +284,32 @@ def test_photometric_equals_tf_image_ops_in_sequence():
     want = tf.clip_by_value(grey + jitter[i, 2] * (x - grey), 0.0, 1.0)
     np.testing.assert_allclose(out['image'][i].numpy(), want.numpy(), atol=1e-5)
     np.testing.assert_array_equal(out['mask'][i].numpy(), m)
+
+
+def test_summary_frames_go_round_robin_over_drives_evenly_spaced_within_each():
+  names = ([f'0001TP_{i:03d}' for i in range(10)] + [f'0006R0_{i:03d}' for i in range(5)] +
+           ['Seq05VD_000', 'noprefix'])
+  order = np.random.default_rng(0).permutation(len(names))
+  shuffled = [names[i] for i in order]  # Record order is not name order.
+  picked = [shuffled[i] for i in data.spread_picks(shuffled, 7)]
+  # Drives in name order (a name without a drive prefix is a drive of its own, named '').
+  assert picked == ['noprefix', '0001TP_001', '0006R0_001', 'Seq05VD_000', '0001TP_005',
+                    '0006R0_003', '0001TP_008']
+  # One drive: its start, middle and end.
+  one = [f'0016E5_{i:05d}' for i in range(101)]
+  assert data.spread_picks(one, 3) == [16, 50, 84]
+  assert sorted(data.spread_picks(one[:4], 9)) == [0, 1, 2, 3]  # No frame twice.
+  assert data.spread_picks(one, 0) == [] and data.spread_picks([], 3) == []
+
+
+def test_summary_examples_are_the_spread_picks_decoded(smoke_data):
+  manifest = manifest_lib.read(str(smoke_data))
+  examples = data.summary_examples(manifest, 'val', _config(), 2)
+  ids = [features.parse_example(r)['source_id'].numpy().decode()
+         for r in tf.data.TFRecordDataset(manifest.shard_paths('val'))]
+  assert [e['source_id'] for e in examples] == [ids[i] for i in data.spread_picks(ids, 2)]
+  assert [e['index'] for e in examples] == data.spread_picks(ids, 2)
+  masks = _source_masks(manifest, 'val')
+  for example in examples:
+    assert example['image'].shape == (32, 32, 3) and example['split_size'] == 6
+    np.testing.assert_array_equal(example['mask'], masks[example['source_id']])

@@ -1,5 +1,6 @@
 """End-to-end tests of `python -m trainer.task` and `python -m trainer.evaluate` on generated data."""
 
+import collections
 import csv
 import json
 import math
@@ -60,6 +61,9 @@ def test_smoke_run_end_to_end_then_evaluate(smoke_run, smoke_run_evaluation, smo
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert 'epoch 1/2' not in proc.stdout and 'resumed from' in proc.stdout
   assert [row['epoch'] for row in _history(model_dir)] == ['0', '1']
+  # TensorBoard: the run's HParams record stays the first one; the final evaluation is rewritten.
+  assert len(_summaries(model_dir / 'logs')['_hparams_/session_start_info']) == 1
+  assert [s for s, _ in _summaries(model_dir / 'logs/val')['final/mean_iou']] == [1, 1]
 
   # Rerunning with settings that would train something else is refused, and the record of how
   # the checkpoint was trained stays as it was.
@@ -73,6 +77,103 @@ def test_smoke_run_end_to_end_then_evaluate(smoke_run, smoke_run_evaluation, smo
           '(data.image_size 32x32 -> 64x64, optimizer.learning_rate 0.01 -> 0.5); rerun with the '
           'same settings to resume it, or use a new --model_dir') in errors[0]
   assert (model_dir / 'config.json').read_text() == recorded
+
+
+def _summaries(run_dir) -> dict:
+  """{tag: [(step, summary value), ...]} of the event files of one TensorBoard run dir."""
+  found = collections.defaultdict(list)
+  for path in sorted(run_dir.glob('events.out.tfevents.*')):
+    for event in tf.compat.v1.train.summary_iterator(str(path)):
+      for value in event.summary.value:
+        found[value.tag].append((event.step, value))
+  return found
+
+
+def _steps(points):
+  return [step for step, _ in points]
+
+
+def _scalars(points):
+  return [float(tf.make_ndarray(value.tensor)) for _, value in points]
+
+
+def _image(value, index=0):
+  return tf.io.decode_png(tf.make_ndarray(value.tensor)[2 + index]).numpy()
+
+
+def test_smoke_run_tensorboard_tells_the_story(smoke_run):
+  """Tags, x-axes and values of the smoke run's TensorBoard logs (trainer/summaries.py)."""
+  from tensorboard.plugins.custom_scalar import layout_pb2  # pylint: disable=g-import-not-at-top
+  logs = smoke_run.model_dir / 'logs'
+  train, val = _summaries(logs / 'train'), _summaries(logs / 'val')
+  history = _history(smoke_run.model_dir)
+  # One loss definition for train and val (history's columns), by epoch index; the class-weighted
+  # objective on its own tag (the smoke run weighs classes, so the two differ).
+  for points, column in ((train['epoch_loss'], 'train_loss'), (val['epoch_loss'], 'val_loss'),
+                         (train['epoch_objective'], 'train_objective')):
+    assert _steps(points) == [0, 1]
+    assert _scalars(points) == pytest.approx([float(row[column]) for row in history])
+  assert all(float(r['train_objective']) != pytest.approx(float(r['train_loss'])) for r in history)
+  assert 'epoch_objective' not in val
+  # Per step group (smoke: 2 steps a group, 6 a epoch) at the global step, under step/.
+  for key in ('loss', 'objective', 'learning_rate', 'images_per_second'):
+    assert _steps(train[f'step/{key}']) == [2, 4, 6, 8, 10, 12], key
+  assert min(_scalars(train['step/images_per_second'])) > 0
+  rates = _scalars(train['step/learning_rate'])
+  assert rates == sorted(rates, reverse=True) and rates[-1] == pytest.approx(0.0, abs=1e-9)
+
+  # Per validation, a bar chart of the per-class IoU: a class's bar, in its colour, is as long
+  # as its iou/<class> (240 pixels for 1, 12 rows high).
+  classes = json.loads((smoke_run.model_dir / 'inference.json').read_text())['classes']
+  colors = [c['color'] for c in classes]
+  assert _steps(val['per_class_iou']) == [0, 1]
+  bars = _image(val['per_class_iou'][-1][1])
+  lengths = [round(_scalars(val[f'iou/{c["name"]}'])[-1] * 240) for c in classes]
+  assert any(lengths)
+  for color, length in zip(colors, lengths):
+    assert np.all(bars == color, axis=-1).sum() >= 12 * length
+  # Overlays: the 2 fixed frames, each captioned, with its panels enlarged and a legend below.
+  assert _steps(val['overlays']) == [0, 1]
+  overlays = val['overlays'][-1][1]
+  assert len(tf.make_ndarray(overlays.tensor)) == 2 + 2
+  assert 'synth05_' in overlays.metadata.summary_description
+  strip = _image(overlays)
+  assert strip.shape[1] >= 3 * 32 and strip.shape[0] > strip.shape[1] // 3
+  legend = strip[strip.shape[0] // 2:]
+  assert all(np.all(legend == c, axis=-1).sum() >= 64 for c in colors)
+
+  # The final (calibrated) evaluation of metrics.json, at the last epoch's index.
+  metrics = json.loads((smoke_run.model_dir / 'metrics.json').read_text())
+  for key in ('mean_iou', 'pixel_accuracy'):
+    assert _steps(val[f'final/{key}']) == [1]
+    assert _scalars(val[f'final/{key}']) == [pytest.approx(metrics[key])]
+  assert _scalars(val['final/iou/Road']) == [pytest.approx(metrics['per_class']['Road']['iou'])]
+  table = tf.make_ndarray(val['final/per_class'][0][1].tensor).item().decode()
+  assert f'mIoU {metrics["mean_iou"]:.4f}' in table
+  assert all(f'| {name} |' in table for name in metrics['per_class'])
+  assert _steps(val['final/per_class_iou']) == [1] and _steps(val['final/confusion_matrix']) == [1]
+
+  layout = layout_pb2.Layout.FromString(
+      tf.make_ndarray(train['custom_scalars__config__'][0][1].tensor).item())
+  charts = {c.title: set(c.multiline.tag) for category in layout.category for c in category.chart}
+  assert {'^iou/'} in charts.values() and {'^epoch_loss$'} in charts.values()
+
+  # HParams: the resolved config and run facts, with the final metrics as its metrics.
+  from tensorboard.plugins.hparams import plugin_data_pb2  # pylint: disable=g-import-not-at-top
+  records = [plugin_data_pb2.HParamsPluginData.FromString(v.metadata.plugin_data.content)
+             for points in _summaries(logs).values() for _, v in points
+             if v.metadata.plugin_data.plugin_name == 'hparams']
+  experiment = next(r.experiment for r in records if r.HasField('experiment'))
+  start = next(r.session_start_info for r in records if r.HasField('session_start_info'))
+  assert {(m.name.group, m.name.tag) for m in experiment.metric_infos} >= {
+      ('val', 'final/mean_iou'), ('val', 'final/pixel_accuracy')}
+  assert {h.name for h in experiment.hparam_infos} == set(start.hparams)
+  assert start.hparams['loss.class_weighting'].string_value == 'inverse_sqrt'
+  assert start.hparams['data.image_size'].string_value == '32x32'
+  assert start.hparams['eval.scales'].string_value == '0.6,1.0'
+  assert start.hparams['model.base_filters'].number_value == 4
+  assert start.hparams['num_replicas'].number_value == 1
+  assert start.hparams['data_dir'].string_value.endswith('tfrecords')
 
 
 def _start(smoke_data, model_dir, *extra):

@@ -151,10 +151,51 @@ def test_deep_supervision_adds_the_weighted_head_losses():
   head = train_model.get_layer('aux1_logits').kernel.numpy()
   steps = segmentation.make_steps(model, optimizer, tf.distribute.get_strategy(), config,
                            segmentation.inference_spec(config, NAMES), train_model=train_model)
-  loss_sum, weight_sum, _ = steps.train(iter(tf.data.Dataset.from_tensors(batch).repeat()),
-                                        tf.constant(1))
+  loss_sum, weight_sum, _, plain_sum, pixels = steps.train(
+      iter(tf.data.Dataset.from_tensors(batch).repeat()), tf.constant(1))
   np.testing.assert_allclose(float(loss_sum / weight_sum), expected, rtol=1e-4)
+  # The reported loss is the main head's alone, as validation defines it.
+  assert int(pixels) == batch['mask'].size
+  np.testing.assert_allclose(float(plain_sum / pixels), cross_entropy(main), rtol=1e-4)
   assert not np.array_equal(head, train_model.get_layer('aux1_logits').kernel.numpy())
+
+
+def test_train_and_eval_report_the_plain_cross_entropy_beside_the_weighted_objective():
+  """Train and eval steps report the unweighted cross-entropy over non-void pixels; training's
+  objective (its first two outputs) is the class-weighted one the optimizer minimises."""
+  config = configs.get_config('smoke').replace(**{'data.image_size': (16, 16)})
+  tf.keras.utils.set_random_seed(3)
+  model = segmentation.build_model(config, NUM_CLASSES)
+  rng = np.random.default_rng(1)
+  mask = rng.integers(0, NUM_CLASSES, (2, 16, 16)).astype(np.int32)
+  mask[0, :4] = 255  # Void rows count nowhere.
+  batch = {'image': rng.random((2, 16, 16, 3), dtype=np.float32), 'mask': mask,
+           'valid': np.ones([2], bool)}
+  weights = np.array([8.0, 1.0, 0.5, 2.0], np.float32)
+  logits = model(batch['image'], training=False).numpy().astype(np.float64)
+  log_p = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+  labelled = mask != 255
+  ce = -np.take_along_axis(log_p, np.where(labelled, mask, 0)[..., None], -1)[..., 0][labelled]
+  w = weights[mask[labelled]]
+  spec = segmentation.inference_spec(config, NAMES, weights)
+  steps = segmentation.make_steps(model, None, tf.distribute.get_strategy(), config, spec)
+  loss_sum, pixels, _, _ = steps.evaluate(iter(tf.data.Dataset.from_tensors(batch)),
+                                          tf.constant(1))
+  assert int(pixels) == labelled.sum()
+  np.testing.assert_allclose(float(loss_sum / pixels), ce.mean(), rtol=1e-4)
+
+  # The step's losses are of the weights before its update; BatchNorm sees batch statistics.
+  optimizer = segmentation.make_optimizer(config, total_steps=10, steps_per_epoch=5)
+  logits = model(batch['image'], training=True).numpy().astype(np.float64)
+  log_p = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+  ce = -np.take_along_axis(log_p, np.where(labelled, mask, 0)[..., None], -1)[..., 0][labelled]
+  steps = segmentation.make_steps(model, optimizer, tf.distribute.get_strategy(), config, spec)
+  objective, weight, _, plain, pixels = steps.train(iter(tf.data.Dataset.from_tensors(batch)),
+                                                    tf.constant(1))
+  assert int(pixels) == labelled.sum() and float(weight) == pytest.approx(w.sum())
+  np.testing.assert_allclose(float(plain / pixels), ce.mean(), rtol=1e-4)
+  np.testing.assert_allclose(float(objective / weight), (w * ce).sum() / w.sum(), rtol=1e-4)
+  assert abs(float(objective / weight) - float(plain / pixels)) > 1e-3  # The test can tell.
 
 
 def test_jit_compiled_step_trains_like_the_plain_one():

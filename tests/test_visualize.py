@@ -73,3 +73,55 @@ def test_confusion_matrix_image_handles_empty_rows_and_validates():
   assert image.dtype == np.uint8
   with pytest.raises(ValueError):
     visualize.confusion_matrix_image(np.zeros((3, 3)), ['a', 'b'])
+
+
+IOU_COLORS = np.array([[200, 30, 30], [30, 160, 30], [30, 30, 200], [160, 120, 20]], np.uint8)
+
+
+def _pixels_of(image, color):
+  return int(np.all(image == np.asarray(color, np.uint8), axis=-1).sum())
+
+
+def test_per_class_iou_bars_are_as_long_as_their_values_on_a_fixed_axis():
+  names = ['sky', 'road', 'pole', 'car']
+  image = visualize.per_class_iou_image([0.9, 0.5, 0.07, None], names, IOU_COLORS, title='t')
+  assert image.ndim == 3 and image.shape[2] == 3 and image.dtype == np.uint8
+  areas = [_pixels_of(image, c) for c in IOU_COLORS]
+  # Bars have one height, so their areas are proportional to the values; None has no bar.
+  assert areas[0] > areas[1] > areas[2] > 0 and areas[3] == 0
+  assert areas[0] / areas[1] == pytest.approx(0.9 / 0.5, rel=0.05)
+  # The axis is fixed at 0..1: a value draws the same bar whatever the others are.
+  alone = visualize.per_class_iou_image([0.9, 0.01, 0.01, 0.01], names, IOU_COLORS, title='t')
+  assert _pixels_of(alone, IOU_COLORS[0]) == areas[0]
+  assert alone.shape == image.shape
+
+
+def test_per_class_iou_image_validates_lengths():
+  with pytest.raises(ValueError):
+    visualize.per_class_iou_image([0.5, 0.5], ['a'], IOU_COLORS[:2])
+
+
+def test_legend_holds_every_swatch_and_wraps_to_its_width():
+  names = ['Sky', 'Building', 'Pole', 'Road']
+  wide = visualize.legend_image(names, IOU_COLORS, width=600)
+  narrow = visualize.legend_image(names, IOU_COLORS, width=80)
+  for legend, width in ((wide, 600), (narrow, 80)):
+    assert legend.shape[1] == width and legend.dtype == np.uint8
+    for color in IOU_COLORS:
+      assert _pixels_of(legend, color) >= 8 * 8  # A swatch's inside, inside its outline.
+  assert narrow.shape[0] > wide.shape[0]  # Wrapped onto more lines.
+
+
+def test_annotated_strip_adds_caption_titles_and_legend_around_the_panels():
+  panel = np.full((20, 30, 3), 77, np.uint8)
+  strip = visualize.annotated_strip([panel, panel, panel], ['a', 'b', 'c'], 'frame_0001',
+                                    ['x', 'y'], IOU_COLORS[:2], min_width=180)
+  # 90 pixels of panels are enlarged twice to reach min_width, then text goes above and below.
+  assert strip.shape[1] == 180 and strip.shape[0] > 40
+  rows = np.nonzero(np.all(strip == 77, axis=(1, 2)))[0]
+  assert len(rows) == 40 and rows.min() > 0 and rows.max() < strip.shape[0] - 1
+  for color in IOU_COLORS[:2]:
+    assert _pixels_of(strip[rows.max() + 1:], color) > 0  # The legend is below the panels.
+  same = visualize.annotated_strip([panel] * 3, ['a', 'b', 'c'], 'another caption', ['x', 'y'],
+                                   IOU_COLORS[:2], min_width=180)
+  assert same.shape == strip.shape  # Frames of one summary stack into one batch.

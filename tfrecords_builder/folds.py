@@ -51,10 +51,7 @@ _OVERWRITE = flags.DEFINE_bool('overwrite', False, 'Rebuild folds whose dir hold
 quiet.define_absl_flag()
 
 
-def drive_of(source_id: str) -> str | None:
-  """The drive of a CamVid frame name (prefix before the first underscore), None if it has none."""
-  prefix, sep, _ = source_id.partition('_')
-  return prefix if sep and prefix else None
+drive_of = layouts.drive_of
 
 
 def frames_by_drive(dataset: layouts.Dataset) -> dict[str, list[tuple[str, layouts.Pair]]]:

@@ -38,6 +38,12 @@ def join(*parts: str) -> str:
   return posixpath.join(*parts)
 
 
+def drive_of(source_id: str) -> str | None:
+  """The drive of a CamVid frame name (prefix before the first underscore), None if it has none."""
+  prefix, sep, _ = source_id.partition('_')
+  return prefix if sep and prefix else None
+
+
 def _label_dir(layout: str, split: str) -> str:
   return f'{split}_labels' if layout == 'kaggle' else f'{split}annot'
 

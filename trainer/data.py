@@ -23,6 +23,7 @@ import tensorflow as tf
 
 from camvid_common import errors
 from tfrecords_builder import features
+from tfrecords_builder import layouts
 from tfrecords_builder.manifest import Manifest
 
 AUTOTUNE = tf.data.AUTOTUNE
@@ -403,20 +404,53 @@ def eval_dataset(manifest: Manifest, split: str, config,
   return examples.batch(per_replica, drop_remainder=True).prefetch(AUTOTUNE)
 
 
-def first_examples(manifest: Manifest, split: str, config, count: int) -> list[dict]:
-  """The first `count` examples of a split as numpy (fixed frames for TensorBoard overlays)."""
+def spread_picks(names: list[str], count: int) -> list[int]:
+  """Indices of `count` of `names` spread over their drives and, within a drive, over time.
+
+  Frames are grouped by drive (the frame-name prefix, layouts.drive_of) and ordered by name
+  within one (CamVid numbers a drive's frames in time). Picks go round-robin over the drives in
+  name order, and a drive's picks are evenly spaced over its frames, so three overlays of a
+  one-drive split show its start, middle and end, and of a several-drive split three drives.
+  """
+  by_drive = {}
+  for index in sorted(range(len(names)), key=lambda i: names[i]):
+    by_drive.setdefault(layouts.drive_of(names[index]) or '', []).append(index)
+  drives = [by_drive[d] for d in sorted(by_drive)]
+  quota = [0] * len(drives)
+  for _ in range(min(count, len(names))):
+    open_drives = [d for d in range(len(drives)) if quota[d] < len(drives[d])]
+    quota[min(open_drives, key=lambda d: (quota[d], d))] += 1
+  spaced = [[frames[int((k + 0.5) * len(frames) / n)] for k in range(n)]
+            for frames, n in zip(drives, quota)]
+  return [spaced[d][k] for k in range(max(quota, default=0))
+          for d in range(len(drives)) if k < quota[d]]
+
+
+def summary_examples(manifest: Manifest, split: str, config, count: int) -> list[dict]:
+  """`count` frames of a split spread over its drives (spread_picks), for TensorBoard overlays.
+
+  Returns numpy {'image' (resized to config.data.image_size, float in [0, 1]), 'mask' (label
+  resolution), 'source_id', 'index' (position in the split's shards read in order),
+  'split_size'}, in spread_picks order.
+  """
   if count <= 0:
     return []
-  share = pipeline_share(manifest, split, 1, 0)
-  records = tf.data.TFRecordDataset(share.files[:1]).take(count)
-  out = []
-  for record in records:
+  records = tf.data.TFRecordDataset(manifest.shard_paths(split))
+  source_id = lambda r: tf.io.parse_single_example(
+      r, {features.SOURCE_ID: features.FEATURE_SPEC[features.SOURCE_ID]})[features.SOURCE_ID]
+  names = [n.decode() for n in records.map(source_id).as_numpy_iterator()]
+  picks = spread_picks(names, count)
+  wanted = tf.constant(sorted(picks), tf.int64)
+  chosen = records.enumerate().filter(lambda i, _: tf.reduce_any(tf.equal(i, wanted)))
+  by_index = {}
+  for index, record in chosen:
     example = features.parse_example(record)
     image = tf.image.convert_image_dtype(example['image'], tf.float32)
-    out.append({'image': tf.image.resize(image, config.data.image_size, antialias=True).numpy(),
-                'mask': example['mask'].numpy(),
-                'source_id': example['source_id'].numpy().decode()})
-  return out
+    by_index[int(index)] = {
+        'image': tf.image.resize(image, config.data.image_size, antialias=True).numpy(),
+        'mask': example['mask'].numpy(), 'source_id': example['source_id'].numpy().decode(),
+        'index': int(index), 'split_size': len(names)}
+  return [by_index[i] for i in picks]
 
 
 def check_shards(manifest: Manifest, splits) -> None:

@@ -28,8 +28,10 @@ from camvid_common import errors
 from trainer import distribution
 from trainer import history as history_lib
 
-# Result keys a task's train and validation results hold; history.csv has a column for each.
+# Result keys a task's train and validation results hold; history.csv has a column for each
+# (train_<key>, val_<key>). A train result may also hold TRAIN_ONLY_METRICS (train_<key>).
 HISTORY_METRICS = ('loss', 'pixel_accuracy', 'mean_iou')
+TRAIN_ONLY_METRICS = ('objective',)
 
 
 class Preempted(Exception):
@@ -117,6 +119,8 @@ class Task(Protocol):
   def validation(self, enabled: bool) -> contextlib.AbstractContextManager: ...
   def validate(self, epoch: int) -> dict: ...
   def write_summaries(self, epoch: int, train: dict, val: dict | None, lr: float) -> None: ...
+  def write_step_summaries(self, step: int, totals: list[np.ndarray], lr: float,
+                           images_per_second: float) -> None: ...
 
 
 class _SigtermFlag:
@@ -244,11 +248,18 @@ class Loop:
       until_backup = every - self.global_step() % every if every else math.inf
       n = int(min(settings.steps_per_loop, settings.steps_per_epoch - step, until_backup))
       self._profiler.before(self.global_step())
+      started = time.perf_counter()
       out = [np.asarray(v) for v in self.task.train(iterator, n)]
+      seconds = time.perf_counter() - started
       totals = out if totals is None else [a + b for a, b in zip(totals, out)]
       step += n
       self.step_in_epoch.assign(step)
       self._profiler.after(self.global_step())
+      # Every worker computes what the chief writes (reading the step and learning rate is
+      # local, no collective), so the workers' step groups stay alike.
+      self.task.write_step_summaries(
+          self.global_step(), out, current_learning_rate(self.optimizer),
+          n * settings.global_batch_size / max(seconds, 1e-9))
       if every and self.global_step() % every == 0:
         self._save(self.manager)
       if bool(self._agree(tf.constant(sigterm.event.is_set()))):
@@ -279,6 +290,7 @@ class Loop:
     self.task.write_summaries(epoch, train, val, lr)
     row = {'epoch': epoch}
     row.update({f'train_{k}': train[k] for k in HISTORY_METRICS})
+    row.update({f'train_{k}': train[k] for k in TRAIN_ONLY_METRICS if k in train})
     row.update({f'val_{k}': None if val is None else val[k] for k in HISTORY_METRICS})
     row.update({'learning_rate': lr, 'seconds': round(seconds, 2),
                 'train_images_per_s': round(images_per_s, 2)})
@@ -286,6 +298,8 @@ class Loop:
 
   def _log_epoch(self, epoch, train, val, train_seconds, seconds, images_per_s) -> None:
     message = f'epoch {epoch + 1}/{self.settings.epochs}: loss {train["loss"]:.4f}'
+    if train.get('objective') is not None:
+      message += f' (objective {train["objective"]:.4f})'
     if val is not None:
       message += (f', val loss {val["loss"]:.4f}, val pixel acc {val["pixel_accuracy"]:.4f}, '
                   f'val mIoU {val["mean_iou"]:.4f}')

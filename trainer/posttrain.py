@@ -21,6 +21,7 @@ from trainer import distribution
 from trainer import export as export_lib
 from trainer import inference
 from trainer import segmentation
+from trainer import summaries as summaries_lib
 
 METRICS_NAME = 'metrics.json'
 
@@ -48,12 +49,14 @@ def evaluate_model(model, config, spec: inference.Spec, manifest, split: str,
 
 
 def finish(config, spec: inference.Spec, manifest, model_dir: str, checkpoint: str, log,
-           export: bool = True, serving_root: str | None = None) -> dict:
+           export: bool = True, serving_root: str | None = None, log_dir: str | None = None,
+           step: int = 0) -> dict:
   """Post-training, chief only: calibration (if configured), final evaluation on val, export.
 
   Runs on a fresh single-device model restored from `checkpoint` (the best), so no collective
   op (which the other workers would have to join) is involved. Writes calibration.json,
-  inference.json (the spec with the calibrated bias), metrics.json and export/.
+  inference.json (the spec with the calibrated bias), metrics.json and export/, and with a
+  `log_dir` the final evaluation to TensorBoard at `step` (summaries.Summaries.final).
   """
   model = restore_model(config, spec, checkpoint)
   uncalibrated = None
@@ -78,6 +81,10 @@ def finish(config, spec: inference.Spec, manifest, model_dir: str, checkpoint: s
     log(f'val without calibration: mIoU {uncalibrated["mean_iou"]:.4f}, pixel accuracy '
         f'{uncalibrated["pixel_accuracy"]:.4f}')
   fileio.write_atomic(f'{model_dir}/{METRICS_NAME}', json.dumps(result, indent=2) + '\n')
+  if log_dir:
+    board = summaries_lib.Summaries(log_dir, spec.class_names, spec.class_colors)
+    board.final(step, result)
+    board.close()
   log(f'best checkpoint {checkpoint}: val mIoU {result["mean_iou"]:.4f}, pixel accuracy '
       f'{result["pixel_accuracy"]:.4f}')
   if export:

@@ -129,13 +129,23 @@ def inference_spec(config: configs.Config, class_names, class_weights=None, clas
 
 @dataclasses.dataclass
 class Steps:
-  """Compiled step functions; each returns sums the caller reduces into epoch metrics."""
+  """Compiled step functions; each returns sums the caller reduces into epoch metrics.
+
+  train(iterator, n) returns [objective sum, objective weight, confusion matrix, plain
+  cross-entropy sum, non-void pixel count]; evaluate(iterator, n) returns [plain cross-entropy
+  sum, non-void pixel count, confusion matrix, example count].
+  """
   train: tf.types.experimental.GenericFunction
   evaluate: tf.types.experimental.GenericFunction
 
 
 def training_loss(model, train_model, batch, class_weights, aux_loss_weight: float):
-  """The replica's training loss, its reported (loss sum, pixel weight) and the main logits.
+  """The replica's training loss, its reported sums and the main logits.
+
+  Returns (loss, loss_sum, weight_sum, plain_sum, pixel_count, logits): `loss` is what the
+  optimizer minimises and loss_sum / weight_sum its replica's share; plain_sum / pixel_count is
+  the plain cross-entropy of the main head (no class weights, no deep supervision) over the
+  replica's non-void pixels, the definition validation reports.
 
   The loss is the exact global class-weighted mean (the pixel weight is all-reduced; the
   optimizer sums the replicas' gradients). Deep supervision (`train_model`, the model with
@@ -148,9 +158,13 @@ def training_loss(model, train_model, batch, class_weights, aux_loss_weight: flo
     logits, aux_logits = model(batch['image'], training=True), []
   else:
     logits, *aux_logits = train_model(batch['image'], training=True)
-  loss_sum, weight_sum = losses.pixel_loss_sum(
-      batch['mask'], losses.log_probabilities(logits), normalized=True,
-      class_weights=class_weights)
+  log_probs = losses.log_probabilities(logits)
+  loss_sum, weight_sum = losses.pixel_loss_sum(batch['mask'], log_probs, normalized=True,
+                                               class_weights=class_weights)
+  if class_weights is None:
+    plain_sum, pixel_count = loss_sum, weight_sum
+  else:
+    plain_sum, pixel_count = losses.pixel_loss_sum(batch['mask'], log_probs, normalized=True)
   context = tf.distribute.get_replica_context()
   global_weight = tf.maximum(context.all_reduce('sum', weight_sum), 1e-6)
   loss = loss_sum / global_weight
@@ -163,17 +177,18 @@ def training_loss(model, train_model, batch, class_weights, aux_loss_weight: flo
                 len(aux_logits))
     loss += aux_sum / global_weight
     loss_sum += aux_sum
-  return loss, loss_sum, weight_sum, logits
+  return loss, loss_sum, weight_sum, plain_sum, pixel_count, logits
 
 
 def make_steps(model, optimizer, strategy, config, spec: inference.Spec, train_model=None,
                average: averaging.WeightAverage | None = None) -> Steps:
   """Builds the distributed train loop and eval loop.
 
-  Losses weigh classes by spec.class_weights; predictions are inference.class_ids under
-  spec.bias. `train_model` (model.with_auxiliary_heads of `model`, for aux_loss_weight) is
-  what training steps; evaluation runs `model` through inference.logits. `average` (for
-  ema_momentum) is updated after every optimizer step.
+  The training objective weighs classes by spec.class_weights; the losses training and
+  evaluation report are the plain cross-entropy (training_loss); predictions are
+  inference.class_ids under spec.bias. `train_model` (model.with_auxiliary_heads of `model`,
+  for aux_loss_weight) is what training steps; evaluation runs `model` through
+  inference.logits. `average` (for ema_momentum) is updated after every optimizer step.
   """
   num_classes = spec.num_classes
   class_weights = (None if spec.class_weights is None
@@ -182,21 +197,20 @@ def make_steps(model, optimizer, strategy, config, spec: inference.Spec, train_m
 
   def train_step(batch):
     with tf.GradientTape() as tape:
-      loss, loss_sum, weight_sum, logits = training_loss(
+      loss, loss_sum, weight_sum, plain_sum, pixel_count, logits = training_loss(
           model, train_model, batch, class_weights, config.loss.aux_loss_weight)
       scaled = optimizer.scale_loss(loss) if scale_loss else loss
     variables = (train_model or model).trainable_variables
     optimizer.apply_gradients(zip(tape.gradient(scaled, variables), variables))
     predictions = inference.class_ids(logits, spec.bias)
-    return loss_sum, weight_sum, metrics_lib.confusion_matrix(batch['mask'], predictions,
-                                                              num_classes)
+    cm = metrics_lib.confusion_matrix(batch['mask'], predictions, num_classes)
+    return loss_sum, weight_sum, cm, plain_sum, pixel_count
 
   def eval_step(batch):
     # Metrics at label resolution: predictions go up, labels never down.
     logits = inference.logits(model, batch['image'], spec, tf.shape(batch['mask'])[1:3])
     valid = tf.cast(batch['valid'], tf.float32)
-    loss_sum, weight_sum = losses.pixel_loss_sum(batch['mask'], logits, sample_weight=valid,
-                                                 class_weights=class_weights)
+    loss_sum, weight_sum = losses.pixel_loss_sum(batch['mask'], logits, sample_weight=valid)
     cm = metrics_lib.confusion_matrix(batch['mask'], inference.class_ids(logits, spec.bias),
                                       num_classes, sample_weight=valid)
     return loss_sum, weight_sum, cm, tf.reduce_sum(tf.cast(batch['valid'], tf.int64))
@@ -208,7 +222,7 @@ def make_steps(model, optimizer, strategy, config, spec: inference.Spec, train_m
   after_step = (lambda: average.update(optimizer.iterations)) if average is not None else None
   cm_zeros = tf.zeros([num_classes] * 2, tf.int64)
   return Steps(
-      train=_summing_loop(strategy, replica_step, [0.0, 0.0, cm_zeros], after_step),
+      train=_summing_loop(strategy, replica_step, [0.0, 0.0, cm_zeros, 0.0, 0.0], after_step),
       evaluate=_summing_loop(strategy, eval_step, [0.0, 0.0, cm_zeros, tf.constant(0, tf.int64)]))
 
 
@@ -230,7 +244,11 @@ def _summing_loop(strategy, replica_step, zeros, after_step=None):
 
 
 def evaluate(steps: Steps, runtime, manifest, split: str, config, class_names) -> dict:
-  """Distributed evaluation of `split`: every example counted exactly once, padding masked."""
+  """Distributed evaluation of `split`: every example counted exactly once, padding masked.
+
+  `loss` is the plain cross-entropy (no class weights) of the inference logits over non-void
+  pixels, at label resolution.
+  """
   dataset = runtime.strategy.distribute_datasets_from_function(
       lambda ctx: data.eval_dataset(manifest, split, config, ctx))
   num_steps = data.eval_steps(manifest, split, config, runtime.num_replicas,
@@ -241,6 +259,12 @@ def evaluate(steps: Steps, runtime, manifest, split: str, config, class_names) -
   result.update(metrics_lib.compute_metrics(cm.numpy(), class_names))
   return result
 
+
+def _train_losses(totals) -> dict:
+  """{'loss': plain cross-entropy, 'objective': training objective} of summed train outputs."""
+  loss_sum, weight_sum, _, plain_sum, pixel_count = totals
+  return {'loss': float(plain_sum / max(float(pixel_count), 1e-6)),
+          'objective': float(loss_sum / max(float(weight_sum), 1e-6))}
 
 
 class SegmentationTask:
@@ -254,9 +278,11 @@ class SegmentationTask:
     self.model, self.steps, self.average = model, steps, average
     self.summaries = summaries_lib.Summaries(log_dir if runtime.is_chief else None,
                                              spec.class_names, spec.class_colors)
+    self.summaries.layout()
     # Every worker predicts the fixed frames (reading BatchNorm's sync-on-read statistics is a
     # collective under MultiWorkerMirroredStrategy); only the chief's writer records them.
-    self.fixed_frames = data.first_examples(manifest, 'val', config, config.eval.num_summary_images)
+    self.fixed_frames = data.summary_examples(manifest, 'val', config,
+                                              config.eval.num_summary_images)
     self.train_input = data.TrainInput(manifest, config)
 
   def describe_input(self) -> str:
@@ -276,10 +302,16 @@ class SegmentationTask:
     return self.steps.train(iterator, tf.constant(num_steps))
 
   def train_result(self, totals) -> dict:
-    loss_sum, weight_sum, cm = totals
-    result = {'loss': float(loss_sum / max(float(weight_sum), 1e-6))}
-    result.update(metrics_lib.compute_metrics(cm, list(self.spec.class_names)))
+    """Epoch metrics: `loss` as validation defines it, `objective` what the optimizer minimises."""
+    result = _train_losses(totals)
+    result.update(metrics_lib.compute_metrics(totals[2], list(self.spec.class_names)))
     return result
+
+  def write_step_summaries(self, step: int, totals, learning_rate: float,
+                           images_per_second: float) -> None:
+    """Scalars of one step group (its summed `train` outputs) at global step `step`."""
+    self.summaries.step(step, {**_train_losses(totals), 'learning_rate': learning_rate,
+                               'images_per_second': images_per_second})
 
   def validation(self, enabled: bool):
     """Validation, its overlays and best/ see the averaged weights (ema_momentum)."""

@@ -9,7 +9,7 @@ model_dir layout:
   inference.json         how the model predicts (trainer/inference.py; calibrated at the end)
   checkpoints/           last + resumable backups (every backup_every_steps and each epoch)
   best/                  best-by-val-mIoU weights
-  logs/{train,val}/      TensorBoard
+  logs/                  TensorBoard (trainer/summaries.py): train/, val/, and the HParams record
   history.csv            one row per completed epoch (see history.py)
   calibration.json       per-class decision bias fitted on config.calibration_split (if set)
   metrics.json           evaluation of the best checkpoint on val
@@ -34,6 +34,7 @@ from trainer import inference
 from trainer import loop
 from trainer import posttrain
 from trainer import segmentation
+from trainer import summaries
 
 CONFIG_NAME = 'config.json'
 # Keys train.run adds to config.json besides the config: facts of the run, not settings.
@@ -110,6 +111,27 @@ def _read_inputs(config: configs.Config, data_dir: str, model_dir: str,
   return manifest
 
 
+def _write_hparams(log_dir: str, config: configs.Config, facts: dict) -> None:
+  """The run's config and facts as its HParams record, unless log_dir holds one already."""
+  choices = {}
+  for path in configs.FIELDS:
+    try:
+      choices[path] = configs.choices(path)
+    except KeyError:
+      continue
+  summaries.write_hparams(log_dir, configs.hparams(config) | facts, choices)
+
+
+def _recorded_run(model_dir: str, config: configs.Config) -> tuple[configs.Config, dict]:
+  """The config and run facts model_dir/config.json records ((config, {}) without one)."""
+  path = f'{model_dir}/{CONFIG_NAME}'
+  if not tf.io.gfile.exists(path):
+    return config, {}
+  with tf.io.gfile.GFile(path) as f:
+    values = json.load(f)
+  return load_config(model_dir), {k: values[k] for k in RUN_FACTS if k in values}
+
+
 def _splits_read(config: configs.Config) -> tuple[str, ...]:
   return ('train', 'val') + ((config.eval.calibration_split,) if config.eval.calibration_split else ())
 
@@ -174,9 +196,10 @@ def run(config: configs.Config, data_dir: str, model_dir: str, *,
   # Before any cluster forms: a worker of a run that is already trained (a rerun of a finished
   # Job's pod) must not wait for peers that have finished and gone.
   backup = loop.newest_readable_backup(ckpt_dir, log)
+  log_dir = (log_dir or f'{model_dir}/logs').rstrip('/')
   if backup and (backup.epoch >= config.trainer.epochs or backup.stopped_early):
     return _post_train_only(config, manifest, model_dir, best_dir, backup, runtime, log, export,
-                            serving_root)
+                            serving_root, log_dir)
   runtime = runtime or distribution.create_runtime(
       config.runtime.strategy, config.runtime.mixed_precision,
       config.runtime.peer_timeout_seconds, config.runtime.formation_timeout_seconds)
@@ -199,10 +222,11 @@ def run(config: configs.Config, data_dir: str, model_dir: str, *,
                                                                       spec.class_weights)))
   if runtime.is_chief:
     tf.io.gfile.makedirs(model_dir)
-    _write_json(f'{model_dir}/{CONFIG_NAME}', config.to_dict() | {
-        'resolved_precision': runtime.precision, 'strategy_used': runtime.kind,
-        'num_replicas': runtime.num_replicas, 'num_workers': runtime.num_workers,
-        'data_dir': data_dir})
+    facts = {'resolved_precision': runtime.precision, 'strategy_used': runtime.kind,
+             'num_replicas': runtime.num_replicas, 'num_workers': runtime.num_workers,
+             'data_dir': data_dir}
+    _write_json(f'{model_dir}/{CONFIG_NAME}', config.to_dict() | facts)
+    _write_hparams(log_dir, config, facts)
     # Before training, so a model_dir is evaluable from its first backup on; post-training
     # rewrites it with the calibrated bias.
     inference.write(model_dir, spec)
@@ -212,7 +236,6 @@ def run(config: configs.Config, data_dir: str, model_dir: str, *,
         config, spec.num_classes, steps_per_epoch * config.trainer.epochs, steps_per_epoch)
   steps = segmentation.make_steps(model, optimizer, runtime.strategy, config, spec,
                                   train_model=train_model, average=average)
-  log_dir = (log_dir or f'{model_dir}/logs').rstrip('/')
   with data.read_errors(manifest, ('val',), 'reading the summary frames'):
     task = segmentation.SegmentationTask(config, manifest, spec, runtime, model, steps, average,
                                          log_dir)
@@ -231,17 +254,19 @@ def run(config: configs.Config, data_dir: str, model_dir: str, *,
     return {}
   with data.read_errors(manifest, _splits_read(config), 'post-training'):
     return posttrain.finish(config, spec, manifest, model_dir,
-                            tf.train.latest_checkpoint(best_dir), log, export, serving_root)
+                            tf.train.latest_checkpoint(best_dir), log, export, serving_root,
+                            log_dir=log_dir, step=int(training.epoch) - 1)
 
 
 def _post_train_only(config, manifest, model_dir, best_dir, backup, runtime, log,
-                     export, serving_root) -> dict:
+                     export, serving_root, log_dir) -> dict:
   """A rerun of a trained run: the chief redoes post-training alone, other workers just exit.
 
   No strategy is created (runtime, if given, only says who is the chief): the peers may be gone
   for good. Post-training rewrites calibration.json, inference.json, metrics.json and export/
   whole each time (a crash part-way leaves export/ without labels.json, which it replaces), so
-  however far an earlier attempt got, the result is one consistent set.
+  however far an earlier attempt got, the result is one consistent set. The final evaluation is
+  written to TensorBoard again, and the HParams record if the run has none yet.
   """
   is_chief, name = ((runtime.is_chief, f'worker {runtime.worker_index}') if runtime
                     else distribution.role_from_env(config.runtime.strategy))
@@ -258,9 +283,11 @@ def _post_train_only(config, manifest, model_dir, best_dir, backup, runtime, log
   spec = segmentation.inference_spec(config, manifest.class_names,
                                      segmentation.class_weights_for(config, manifest),
                                      manifest.class_colors, manifest.ignore_label)
+  _write_hparams(log_dir, *_recorded_run(model_dir, config))
   with data.read_errors(manifest, _splits_read(config), 'post-training'):
     return posttrain.finish(config, spec, manifest, model_dir,
-                            tf.train.latest_checkpoint(best_dir), log, export, serving_root)
+                            tf.train.latest_checkpoint(best_dir), log, export, serving_root,
+                            log_dir=log_dir, step=backup.epoch - 1)
 
 
 def weights_checksum(model) -> float:

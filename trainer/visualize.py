@@ -165,3 +165,160 @@ def confusion_matrix_image(cm: np.ndarray,
   true_tile = true_tile.rotate(90, expand=True)
   canvas.paste(true_tile, (pad, top + (num_classes * cell - true_tile.height) // 2))
   return np.asarray(canvas, dtype=np.uint8)
+
+
+_WHITE = (255, 255, 255)
+_BLACK = (0, 0, 0)
+_GRID = (210, 210, 210)
+_AXIS_TICKS = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+def per_class_iou_image(ious: Sequence[float | None],
+                        class_names: Sequence[str],
+                        colors: np.ndarray,
+                        title: str = '',
+                        bar_length: int = 240,
+                        row: int = 16) -> np.ndarray:
+  """Draws per-class IoU as a horizontal bar chart on a fixed 0..1 axis.
+
+  One row per class: its name on the left, a bar in the class colour as long as the IoU times
+  `bar_length`, and the value written after the bar ("n/a" and no bar for a class whose IoU is
+  undefined). Grid lines and tick labels mark 0, 0.25, 0.5, 0.75 and 1, so charts of different
+  validations and runs read on the same scale.
+
+  Args:
+    ious: C values in [0, 1], or None for an undefined IoU.
+    class_names: C class names.
+    colors: [C, 3] uint8 palette.
+    title: Text above the chart; none when empty.
+    bar_length: Pixels of a bar of IoU 1.
+    row: Height of one class's row in pixels.
+
+  Returns:
+    [H, W, 3] uint8 RGB image.
+  """
+  colors = np.asarray(colors, np.uint8)
+  if not len(ious) == len(class_names) == len(colors):
+    raise ValueError(f'{len(ious)} values, {len(class_names)} names and {len(colors)} colours')
+  font = ImageFont.load_default()
+  scratch = ImageDraw.Draw(Image.new('RGB', (1, 1)))
+  text_h = max(_text_size(scratch, t, font)[1] for t in [*class_names, 'Ag', title or 'A'])
+  pad = 6
+  left = pad + max(_text_size(scratch, str(n), font)[0] for n in class_names) + pad
+  top = pad + (text_h + pad if title else 0)
+  width = left + bar_length + pad + _text_size(scratch, '0.00', font)[0] + pad
+  height = top + len(class_names) * row + 4 + text_h + pad
+  canvas = Image.new('RGB', (width, height), _WHITE)
+  draw = ImageDraw.Draw(canvas)
+  bottom = top + len(class_names) * row
+  for tick in _AXIS_TICKS:
+    x = left + int(round(tick * bar_length))
+    draw.line([(x, top), (x, bottom)], fill=_GRID)
+    label = f'{tick:g}'
+    draw.text((x - _text_size(draw, label, font)[0] // 2, bottom + 2), label, fill=_BLACK,
+              font=font)
+  for i, (name, value) in enumerate(zip(class_names, ious)):
+    y = top + i * row
+    text_y = y + (row - text_h) // 2 - 1
+    draw.text((left - pad - _text_size(draw, str(name), font)[0], text_y), str(name),
+              fill=_BLACK, font=font)
+    end = left
+    if value is not None:
+      end = left + int(round(float(np.clip(value, 0.0, 1.0)) * bar_length))
+      if end > left:
+        draw.rectangle([left, y + 2, end - 1, y + row - 3], fill=tuple(int(c) for c in colors[i]))
+    label = 'n/a' if value is None else f'{value:.2f}'
+    draw.text((end + 3, text_y), label, fill=_BLACK, font=font)
+  if title:
+    draw.text((pad, pad), title, fill=_BLACK, font=font)
+  return np.asarray(canvas, dtype=np.uint8)
+
+
+def legend_image(class_names: Sequence[str],
+                 colors: np.ndarray,
+                 width: int,
+                 swatch: int = 10) -> np.ndarray:
+  """Draws a colour legend (a swatch and the name of each class) wrapped to `width` pixels.
+
+  Entries flow left to right in class order and wrap onto new lines; an entry wider than
+  `width` gets a line of its own (and is cut at the edge).
+
+  Args:
+    class_names: Names of the entries.
+    colors: [len(class_names), 3] uint8 colours of their swatches.
+    width: Width of the legend in pixels.
+    swatch: Side of a colour swatch in pixels.
+
+  Returns:
+    [H, width, 3] uint8 RGB image, white background.
+  """
+  colors = np.asarray(colors, np.uint8)
+  if len(class_names) != len(colors):
+    raise ValueError(f'{len(class_names)} names and {len(colors)} colours')
+  font = ImageFont.load_default()
+  scratch = ImageDraw.Draw(Image.new('RGB', (1, 1)))
+  pad, gap = 4, 12
+  line_h = max([swatch] + [_text_size(scratch, str(n), font)[1] for n in class_names]) + pad
+  places, x, y = [], pad, pad
+  for name in class_names:
+    entry_w = swatch + 4 + _text_size(scratch, str(name), font)[0]
+    if x > pad and x + entry_w > width - pad:
+      x, y = pad, y + line_h
+    places.append((x, y))
+    x += entry_w + gap
+  canvas = Image.new('RGB', (width, y + line_h + pad), _WHITE)
+  draw = ImageDraw.Draw(canvas)
+  for (x, y), name, color in zip(places, class_names, colors):
+    draw.rectangle([x, y, x + swatch - 1, y + swatch - 1], fill=tuple(int(c) for c in color),
+                   outline=(96, 96, 96))
+    draw.text((x + swatch + 4, y), str(name), fill=_BLACK, font=font)
+  return np.asarray(canvas, dtype=np.uint8)
+
+
+def text_band(width: int, texts: Sequence[tuple[int, str]]) -> np.ndarray:
+  """One line of text `width` pixels wide: each (x, text) is drawn centred on x, kept inside."""
+  font = ImageFont.load_default()
+  scratch = ImageDraw.Draw(Image.new('RGB', (1, 1)))
+  pad = 4
+  height = pad + max([_text_size(scratch, t, font)[1] for _, t in texts] + [10]) + pad
+  canvas = Image.new('RGB', (width, height), _WHITE)
+  draw = ImageDraw.Draw(canvas)
+  for x, text in texts:
+    w = _text_size(draw, text, font)[0]
+    draw.text((min(max(x - w // 2, pad), max(width - pad - w, pad)), pad - 1), text,
+              fill=_BLACK, font=font)
+  return np.asarray(canvas, dtype=np.uint8)
+
+
+def annotated_strip(panels: Sequence[np.ndarray],
+                    titles: Sequence[str],
+                    caption: str,
+                    class_names: Sequence[str],
+                    colors: np.ndarray,
+                    min_width: int = 384) -> np.ndarray:
+  """Panels side by side under a caption and their titles, above a class-colour legend.
+
+  Panels narrower together than `min_width` are enlarged by an integer factor (nearest
+  neighbour), so small training frames stay legible next to their text.
+
+  Args:
+    panels: Equally sized [H, W, 3] uint8 images.
+    titles: One title per panel, centred above it.
+    caption: The line above the titles (e.g. the frame's name).
+    class_names: Legend entries.
+    colors: [len(class_names), 3] uint8 legend colours.
+    min_width: Smallest width of the panels' row before text is added.
+
+  Returns:
+    [H', W', 3] uint8 RGB image; the same size for every call with the same arguments' shapes.
+  """
+  row = np.concatenate([np.asarray(p, np.uint8) for p in panels], axis=1)
+  factor = max(1, -(-min_width // row.shape[1]))
+  row = np.repeat(np.repeat(row, factor, axis=0), factor, axis=1)
+  panel_w = row.shape[1] // len(panels)
+  width = row.shape[1]
+  return np.concatenate([
+      text_band(width, [(width // 2, caption)]),
+      text_band(width, [(i * panel_w + panel_w // 2, t) for i, t in enumerate(titles)]),
+      row,
+      legend_image(class_names, colors, width)], axis=0)

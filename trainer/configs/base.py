@@ -443,6 +443,26 @@ def get(config: ExperimentConfig, path: str):
   return value
 
 
+def hparams(config: ExperimentConfig) -> dict:
+  """{dotted path: value} of every field, as the HParams dashboard takes them.
+
+  Numbers, booleans and strings stay as they are. A field whose type allows None or is a tuple
+  is always a string (`None`, sizes as `288x384`, other tuples as `0.75,1.0`), so a column has
+  one type in every run.
+  """
+  def show(path, value):
+    if isinstance(value, (tuple, list)):
+      return ('x' if path.endswith('_size') else ',').join(map(str, value))
+    return str(value)
+
+  def plain(path):
+    hint = _leaf_hint(path)
+    return hint in (bool, int, float, str) or typing.get_origin(hint) is Literal
+
+  return {path: get(config, path) if plain(path) else show(path, get(config, path))
+          for path in FIELDS}
+
+
 def to_flat(config: ExperimentConfig) -> dict:
   """{old flat name: value}: the config as it was spelt before grouping."""
   return {flat: get(config, path) for flat, path in FLAT_NAMES.items()}
