@@ -783,7 +783,7 @@ def test_tensorboard_shows_runs_studies_and_traces(variants, variant):
   tensorboard = program.TensorBoard(plugins=default.get_plugins())
   tensorboard.configure(argv=['tensorboard', *args])
   assert tensorboard.flags.logdir == logdir and not tensorboard.flags.logdir_spec
-  # Where the trainer and the tuner write their TensorBoard data (README, "Outputs", "Tuning").
+  # Where the trainer and the tuner write their TensorBoard data (docs/training.md "Outputs", docs/tuning.md "Outputs").
   written = set()
   for job in _find(objects, 'Job'):
     for job_container in _containers(job['spec']['template']):
@@ -969,7 +969,7 @@ def test_cloudbuild_pushes_the_image_the_manifests_run():
   image = BASE_SETTINGS['IMAGE']
   name, _, tag = image.rpartition(':')
   assert name == repo, f'k8s/settings.yaml IMAGE {image} vs {repo}'
-  # The placeholder for the tag of the commit to run, `git rev-parse --short HEAD` (README).
+  # The placeholder for the tag of the commit to run, `git rev-parse --short HEAD` (docs/kubernetes.md).
   assert tag == 'COMMIT'
 
 

@@ -456,7 +456,7 @@ def _onednn_on_after_importing(module: str, env: dict) -> bool:
 
 
 def test_trainer_turns_on_onednn_before_tensorflow_loads():
-  """The 1.35x CPU speed-up (README "Benchmarks") needs the variable set before TF loads."""
+  """The 1.35x CPU speed-up (docs/benchmarks.md) needs the variable set before TF loads."""
   env = {k: v for k, v in __import__('os').environ.items() if k != 'TF_ENABLE_ONEDNN_OPTS'}
   for module in ('trainer.task', 'tuning.tune'):
     assert _onednn_on_after_importing(module, env), module

@@ -67,7 +67,7 @@ def role(env=os.environ) -> str:
   missing = [name for name in ENV_VARS if not env.get(name)]
   if missing:
     raise errors.ConfigError(f'{", ".join(missing)}: not set (or empty); distributed tuning needs '
-                             f'all of {", ".join(ENV_VARS)} (see README, "Tuning")')
+                             f'all of {", ".join(ENV_VARS)} (see docs/tuning.md)')
   if not env['KERASTUNER_ORACLE_PORT'].isdigit():
     raise errors.ConfigError(f'KERASTUNER_ORACLE_PORT={env["KERASTUNER_ORACLE_PORT"]}: not a port '
                              'number')

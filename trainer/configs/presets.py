@@ -12,7 +12,7 @@ from trainer.configs.base import (Config, DataConfig, EvalConfig, LossConfig, Mo
 def seed_unet() -> Config:
   """The original notebook's U-Net, layer for layer: 256x256 input, 64..1024 filters, dropout 0.5.
 
-  For GPU clusters (README "`seed_unet`: cost per step and a GPU recipe").
+  For GPU clusters (docs/benchmarks.md "GPU: computed cost", docs/distributed.md).
   Command:
     python -m trainer.task --config seed_unet --data_dir gs://B/camvid --model_dir gs://B/runs/seed
   Result: 34,543,179 parameters for 11 classes, ~2.5 TFLOP per training step of 8 images; not
