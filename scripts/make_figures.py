@@ -52,6 +52,10 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from camvid_common import errors  # pylint: disable=g-import-not-at-top
+from camvid_common import quiet  # pylint: disable=g-import-not-at-top
+
+quiet.start()
+
 from trainer import visualize  # pylint: disable=g-import-not-at-top
 
 MAX_BYTES = 300_000
@@ -85,6 +89,7 @@ class Failure(Exception):
 def parse_args(argv):
   """Parses the subcommand and its flags; a bad one raises errors.InputError."""
   parser = errors.ArgumentParser(description=__doc__.splitlines()[0])
+  quiet.add_argument(parser)
   commands = parser.add_subparsers(dest='command', required=True, metavar='COMMAND')
   overlays = commands.add_parser('overlays', help='val frames beside their predicted overlays')
   overlays.add_argument('--model_dir', required=True, help='a trained model dir with export/')
@@ -193,11 +198,10 @@ def list_frames(specs: list[str]) -> list[pathlib.Path]:
   return sorted(set(frames), key=lambda p: (p.name, str(p)))
 
 
-def pick_evenly(items: list, count: int) -> list:
-  """`count` of `items` evenly spaced over them (the middle of each of `count` equal parts)."""
-  if count >= len(items):
-    return list(items)
-  return [items[int((k + 0.5) * len(items) / count)] for k in range(count)]
+def pick_frames(frames: list[pathlib.Path], count: int) -> list[pathlib.Path]:
+  """`count` of `frames` spread over their drives and over time: the TensorBoard overlays' choice."""
+  from trainer import data  # pylint: disable=g-import-not-at-top  # Imports TensorFlow.
+  return [frames[i] for i in data.spread_picks([f.stem for f in frames], count)]
 
 
 def _repo_env() -> dict:
@@ -279,7 +283,7 @@ def make_overlays(args) -> None:
   if not model_dir.is_dir():
     raise errors.InputError(f'--model_dir {args.model_dir}: no such directory')
   class_names, colors = load_classes(model_dir)
-  frames = pick_evenly(list_frames(args.frames), args.count)
+  frames = pick_frames(list_frames(args.frames), args.count)
   with tempfile.TemporaryDirectory(prefix='make_figures-') as work:
     outputs = run_predict(model_dir, frames, pathlib.Path(work))
     pairs = [(f.stem, f, outputs / f'{f.stem}_overlay.png') for f in frames]

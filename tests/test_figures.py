@@ -41,10 +41,10 @@ def _resized(path, size):
     return np.asarray(image.convert('RGB').resize(size, Image.Resampling.LANCZOS), np.float64)
 
 
-def test_pick_evenly_spreads_over_the_sorted_frames():
-  assert figures.pick_evenly(list('abcde'), 3) == ['a', 'c', 'e']
-  assert figures.pick_evenly(list(range(101)), 4) == [12, 37, 63, 88]
-  assert figures.pick_evenly(list('ab'), 4) == ['a', 'b']
+def test_pick_frames_spreads_over_drives_and_time():
+  frames = [pathlib.Path(f'{d}_{i:05d}.png') for d in ('0016E5', '0001TP') for i in range(100)]
+  picked = [f.stem for f in figures.pick_frames(frames, 4)]
+  assert picked == ['0001TP_00025', '0016E5_00025', '0001TP_00075', '0016E5_00075']
 
 
 TILE_W, TILE_H = 320, 240  # 64x48 frames at the figure's tile width.
