@@ -60,7 +60,7 @@ def tf_config_from_env(env=os.environ) -> dict | None:
     missing = [k for k in ('CAMVID_JOB_NAME', 'CAMVID_SERVICE_NAME') if not env.get(k)]
     if missing:
       raise errors.ConfigError(f'{", ".join(missing)}: required to address the other workers of an '
-                               'Indexed Job (see README, "Kubernetes")')
+                               'Indexed Job (see docs/distributed.md, "Kubernetes Indexed Jobs")')
     port = int(env.get('CAMVID_WORKER_PORT', DEFAULT_WORKER_PORT))
     hosts = [f'{env["CAMVID_JOB_NAME"]}-{i}.{env["CAMVID_SERVICE_NAME"]}:{port}'
              for i in range(num_workers)]

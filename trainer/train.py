@@ -11,7 +11,7 @@ model_dir layout:
   best/                  best-by-val-mIoU weights
   logs/                  TensorBoard (trainer/summaries.py): train/, val/, and the HParams record
   history.csv            one row per completed epoch (see history.py)
-  calibration.json       per-class decision bias fitted on config.calibration_split (if set)
+  calibration.json       per-class decision bias fitted on eval.calibration_split (if set)
   metrics.json           evaluation of the best checkpoint on val
   export/                model.keras, serving/ SavedModel, labels.json
 """

@@ -99,7 +99,7 @@ def demo() -> Config:
 
   Command:
     python -m trainer.task
-  Result: about a minute end to end on 2 CPU cores (README "Two commands"); docs/experiments.md
+  Result: about a minute end to end on 2 CPU cores (README, "Two commands"); docs/experiments.md
   records the real-data runs.
   """
   return Config(model=ModelConfig(base_filters=8, depth=3, dropout=0.0, bn_momentum=0.9),
