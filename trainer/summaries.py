@@ -45,42 +45,46 @@ class Summaries:
   def __init__(self, log_dir: str | None, class_names, class_colors):
     self._names = list(class_names)
     self._colors = np.asarray(class_colors, np.uint8)
+    self._log_dir = log_dir
     self._writers = {}
-    if log_dir:
-      self._writers = {split: tf.summary.create_file_writer(f'{log_dir}/{split}')
-                       for split in ('train', 'val')}
+
+  def _writer(self, split: str):
+    """The split's writer, made on first use: post-training writes no second train event file."""
+    if split not in self._writers:
+      self._writers[split] = tf.summary.create_file_writer(f'{self._log_dir}/{split}')
+    return self._writers[split]
 
   def layout(self) -> None:
     """The custom-scalars dashboard: losses and every class's IoU on shared axes."""
-    if not self._writers:
+    if not self._log_dir:
       return
-    with self._writers['train'].as_default():
+    with self._writer('train').as_default():
       tf.summary.experimental.write_raw_pb(
           custom_scalar_summary.pb(_layout()).SerializeToString(), step=0)
 
   def step(self, step: int, values: dict) -> None:
     """step/<key> scalars of one step group in train, at the global step."""
-    if not self._writers:
+    if not self._log_dir:
       return
-    with self._writers['train'].as_default(step=step):
+    with self._writer('train').as_default(step=step):
       for key, value in values.items():
         tf.summary.scalar(f'step/{key}', value)
 
   def epoch(self, epoch: int, train: dict, val: dict | None, learning_rate: float) -> None:
     """Epoch scalars and val images; `val` is None for an epoch that was not validated."""
-    if not self._writers:
+    if not self._log_dir:
       return
     for split, values in (('train', train), ('val', val)):
       if values is None:
         continue
-      with self._writers[split].as_default(step=epoch):
+      with self._writer(split).as_default(step=epoch):
         for key in ('loss', 'objective', 'pixel_accuracy', 'mean_iou'):
           if values.get(key) is not None:
             tf.summary.scalar(f'epoch_{key}', values[key])
-    with self._writers['train'].as_default(step=epoch):
+    with self._writer('train').as_default(step=epoch):
       tf.summary.scalar('learning_rate', learning_rate)
     if val is not None:
-      with self._writers['val'].as_default(step=epoch):
+      with self._writer('val').as_default(step=epoch):
         self._per_class(val, '', f'val IoU per class after epoch {epoch + 1}')
 
   def _per_class(self, result: dict, prefix: str, title: str) -> None:
@@ -99,11 +103,11 @@ class Summaries:
 
   def overlays(self, epoch: int, examples: list[dict], predictions: list[np.ndarray]) -> None:
     """Image | ground truth | prediction strips of fixed val frames, captioned, with a legend."""
-    if not self._writers or not examples:
+    if not self._log_dir or not examples:
       return
     strips = [self._overlay_strip(example, pred) for example, pred in zip(examples, predictions)]
     names = ', '.join(_frame_caption(example) for example in examples)
-    with self._writers['val'].as_default(step=epoch):
+    with self._writer('val').as_default(step=epoch):
       tf.summary.image('overlays', np.stack(strips), max_outputs=len(strips),
                        description=f'Fixed val frames ({names}): image, ground truth, '
                        'prediction over the image; void pixels black in the ground truth.')
@@ -120,9 +124,9 @@ class Summaries:
 
   def final(self, step: int, result: dict) -> None:
     """The final (calibrated) evaluation in val at `step`: final/* scalars, table and images."""
-    if not self._writers:
+    if not self._log_dir:
       return
-    with self._writers['val'].as_default(step=step):
+    with self._writer('val').as_default(step=step):
       for key in ('mean_iou', 'pixel_accuracy'):
         if result.get(key) is not None:
           tf.summary.scalar(f'final/{key}', result[key])
