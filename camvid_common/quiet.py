@@ -107,8 +107,11 @@ def define_absl_flag():
   """
   from absl import flags  # pylint: disable=g-import-not-at-top
   caller = sys._getframe(1).f_globals.get('__name__')  # pylint: disable=protected-access
-  return flags.DEFINE_bool(FLAG, False, HELP,
-                           module_name=sys.argv[0] if caller == '__main__' else caller)
+  module_name = sys.argv[0] if caller == '__main__' else caller
+  if FLAG in flags.FLAGS:  # Another entry module imported into the same process (tests).
+    flags.FLAGS.register_key_flag_for_module(module_name, flags.FLAGS[FLAG])
+    return flags.FlagHolder(flags.FLAGS, flags.FLAGS[FLAG])
+  return flags.DEFINE_bool(FLAG, False, HELP, module_name=module_name)
 
 
 def add_argument(parser, help_text: str = HELP) -> None:

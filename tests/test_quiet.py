@@ -134,3 +134,18 @@ def test_an_abort_while_loading_still_says_where(tmp_path):
   assert proc.returncode < 0
   assert 'Fatal Python error: Aborted' in proc.stderr, proc.stderr
   assert 'tensorflow/__init__.py' in proc.stderr
+
+
+def test_two_absl_entry_modules_share_one_verbose_flag():
+  """Importing two absl entry modules into one process (as tests do) defines --verbose once and
+  keeps it in each one's --help."""
+  code = textwrap.dedent('''
+      import tfrecords_builder.__main__, trainer.task
+      from absl import flags
+      print(all(any(f.name == 'verbose' for f in flags.FLAGS.get_key_flags_for_module(m))
+                for m in ('tfrecords_builder.__main__', 'trainer.task')))
+  ''')
+  proc = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True, text=True,
+                        check=False)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert proc.stdout.strip() == 'True'
