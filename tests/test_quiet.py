@@ -92,6 +92,14 @@ _PROGRAM = textwrap.dedent('''
     print('stderr is', 'restored' if sys.stderr is sys.__stderr__ else 'replaced')
 ''')
 
+def _run_with_fake_tensorflow(tmp_path, args=(), **env) -> subprocess.CompletedProcess:
+  """Runs _PROGRAM with a stand-in `tensorflow` package first on the path."""
+  (tmp_path / 'tensorflow').mkdir()
+  (tmp_path / 'tensorflow' / '__init__.py').write_text(_FAKE_TENSORFLOW)
+  return subprocess.run([sys.executable, '-c', _PROGRAM, *args], cwd=tmp_path,
+                        env={**os.environ, 'PYTHONPATH': f'{tmp_path}{os.pathsep}{REPO}', **env},
+                        capture_output=True, text=True, timeout=60, check=False)
+
 
 @pytest.mark.parametrize('args, env, shown, hidden', [
     ((), {}, ['a python warning', 'after the load'], ['I0000', 'E0000']),
@@ -101,23 +109,15 @@ _PROGRAM = textwrap.dedent('''
 ])
 def test_start_hides_only_what_cpp_writes_while_tensorflow_starts(tmp_path, args, env, shown,
                                                                   hidden):
-  (tmp_path / 'tensorflow').mkdir()
-  (tmp_path / 'tensorflow' / '__init__.py').write_text(_FAKE_TENSORFLOW)
-  proc = subprocess.run([sys.executable, '-c', _PROGRAM, *args], cwd=tmp_path,
-                        env={**os.environ, 'PYTHONPATH': f'{tmp_path}{os.pathsep}{REPO}', **env},
-                        capture_output=True, text=True, timeout=60, check=True)
+  proc = _run_with_fake_tensorflow(tmp_path, args, **env)
+  assert proc.returncode == 0, proc.stderr
   assert proc.stdout == 'stderr is restored\n'
   assert all(text in proc.stderr for text in shown), proc.stderr
   assert not [text for text in hidden if text in proc.stderr], proc.stderr
 
 
 def test_a_failed_import_prints_what_was_captured(tmp_path):
-  (tmp_path / 'tensorflow').mkdir()
-  (tmp_path / 'tensorflow' / '__init__.py').write_text(_FAKE_TENSORFLOW)
-  proc = subprocess.run([sys.executable, '-c', _PROGRAM], cwd=tmp_path,
-                        env={**os.environ, 'PYTHONPATH': f'{tmp_path}{os.pathsep}{REPO}',
-                             'FAKE_TF_FAIL': '1'},
-                        capture_output=True, text=True, timeout=60)
+  proc = _run_with_fake_tensorflow(tmp_path, FAKE_TF_FAIL='1')
   assert proc.returncode == 1
   assert proc.stderr.index('I0000 load-time line') < proc.stderr.index('ImportError: libfake.so')
   assert 'after the load' not in proc.stderr
@@ -125,12 +125,7 @@ def test_a_failed_import_prints_what_was_captured(tmp_path):
 
 def test_an_abort_while_loading_still_says_where(tmp_path):
   """The C++ message is lost with the process, but Python's fatal-error traceback shows."""
-  (tmp_path / 'tensorflow').mkdir()
-  (tmp_path / 'tensorflow' / '__init__.py').write_text(_FAKE_TENSORFLOW)
-  proc = subprocess.run([sys.executable, '-c', _PROGRAM], cwd=tmp_path,
-                        env={**os.environ, 'PYTHONPATH': f'{tmp_path}{os.pathsep}{REPO}',
-                             'FAKE_TF_ABORT': '1'},
-                        capture_output=True, text=True, timeout=60)
+  proc = _run_with_fake_tensorflow(tmp_path, FAKE_TF_ABORT='1')
   assert proc.returncode < 0
   assert 'Fatal Python error: Aborted' in proc.stderr, proc.stderr
   assert 'tensorflow/__init__.py' in proc.stderr
