@@ -3,8 +3,12 @@
 Layout under output_dir/tensorboard (`tensorboard --logdir O/tensorboard`):
   events.*              the experiment: hyperparameter domains and metrics (hparams_config)
   trial_<id>/events.*   the trial's hyperparameters (hp.hparams) and its objective
-  trial_<id>/train/     the trainer's own per-epoch summaries (loss, mIoU, learning rate)
+  trial_<id>/train/     the trainer's own summaries (trainer/summaries.py): per epoch and per
+                        step group (loss, objective, mIoU, learning rate, images/s)
   trial_<id>/val/       ... and val (loss, mIoU, per-class IoU, confusion matrix, overlays)
+
+`loss` is the plain cross-entropy, the same definition for train and val; the trial keeps this
+HParams record (the trainer adds its own only to a log dir that has none).
 
 The trainer writes train/ and val/ itself (its `log_dir` is the trial's session dir), so the
 dashboard's per-epoch metrics are exactly the ones the trainer logs for any run.
