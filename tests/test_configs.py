@@ -108,6 +108,9 @@ def test_choices_are_defined_once_on_the_field():
   assert configs.choices('model.stem_stride') == (1, 2)
   with pytest.raises(KeyError):
     configs.choices('model.depth')
+  fields = configs.choice_fields()
+  assert fields['model.stem_stride'] == (1, 2) and 'model.depth' not in fields
+  assert fields == {path: configs.choices(path) for path in fields}
   small = configs.get_config('small')
   for field, value, allowed in (('optimizer.name', 'lamb', 'adamw, adam, sgd'),
                                 ('model.stem_stride', 3, '1, 2'),

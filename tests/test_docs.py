@@ -203,11 +203,7 @@ def test_reference_lines_describe_their_fields():
   rows = reference_rows()
   empty = [name for name, (_, description) in rows.items() if len(description) < 10]
   assert not empty, f'reference rows without a description: {empty}'
-  for name in config_fields():
-    try:
-      allowed = configs.choices(name)
-    except KeyError:
-      continue
+  for name, allowed in configs.choice_fields().items():
     description = rows[name][1]
     unnamed = [c for c in allowed if f'`{c}`' not in description]
     assert not unnamed, f'{name}: name each choice in its line: {unnamed}'

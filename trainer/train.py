@@ -113,13 +113,7 @@ def _read_inputs(config: configs.Config, data_dir: str, model_dir: str,
 
 def _write_hparams(log_dir: str, config: configs.Config, facts: dict) -> None:
   """The run's config and facts as its HParams record, unless log_dir holds one already."""
-  choices = {}
-  for path in configs.FIELDS:
-    try:
-      choices[path] = configs.choices(path)
-    except KeyError:
-      continue
-  summaries.write_hparams(log_dir, configs.hparams(config) | facts, choices)
+  summaries.write_hparams(log_dir, configs.hparams(config) | facts, configs.choice_fields())
 
 
 def _recorded_run(model_dir: str, config: configs.Config) -> tuple[configs.Config, dict]:

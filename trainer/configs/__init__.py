@@ -2,14 +2,14 @@
 
 from trainer.configs.base import (  # pylint: disable=unused-import
     FIELDS, FLAT_NAMES, GROUPS, REMOVED_OPTIONS, Config, DataConfig, EvalConfig, ExperimentConfig,
-    LossConfig, ModelConfig, OptimizerConfig, RuntimeConfig, TrainerConfig, choices, from_dict,
-    from_json, get, hparams, is_params_file, override, parse_params_file, parse_params_override,
-    resumable, to_flat, validate)
+    LossConfig, ModelConfig, OptimizerConfig, RuntimeConfig, TrainerConfig, choice_fields, choices,
+    from_dict, from_json, get, hparams, is_params_file, override, parse_params_file,
+    parse_params_override, resumable, to_flat, validate)
 from trainer.configs.presets import PRESETS
 
 __all__ = ['Config', 'DataConfig', 'EvalConfig', 'ExperimentConfig', 'FIELDS', 'FLAT_NAMES',
            'GROUPS', 'LossConfig', 'ModelConfig', 'OptimizerConfig', 'PRESETS', 'REMOVED_OPTIONS',
-           'RuntimeConfig', 'TrainerConfig', 'choices', 'from_dict', 'from_json', 'get',
+           'RuntimeConfig', 'TrainerConfig', 'choice_fields', 'choices', 'from_dict', 'from_json', 'get',
            'get_config', 'hparams', 'is_params_file', 'override', 'parse_params_file',
            'parse_params_override', 'resumable', 'to_flat', 'validate']
 

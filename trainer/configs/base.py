@@ -383,6 +383,12 @@ def choices(path: str) -> tuple:
   return allowed
 
 
+def choice_fields() -> dict[str, tuple]:
+  """{dotted path: allowed values} for every field with a fixed set of them."""
+  return {path: allowed for path in FIELDS
+          if (allowed := _literal_choices(_leaf_hint(path))) is not None}
+
+
 # The flat names of the config before it was grouped (issue #34), each with its dotted path:
 # old config.json files, --hparams_file contents (the tuner's best_hparams.json) and
 # benchmark/tuner overrides keep working through this table.
