@@ -9,8 +9,8 @@ from trainer.configs.presets import PRESETS
 
 __all__ = ['Config', 'DataConfig', 'EvalConfig', 'ExperimentConfig', 'FIELDS', 'FLAT_NAMES',
            'GROUPS', 'LossConfig', 'ModelConfig', 'OptimizerConfig', 'PRESETS', 'REMOVED_OPTIONS',
-           'RuntimeConfig', 'TrainerConfig', 'choice_fields', 'choices', 'from_dict', 'from_json', 'get',
-           'get_config', 'hparams', 'is_params_file', 'override', 'parse_params_file',
+           'RuntimeConfig', 'TrainerConfig', 'choice_fields', 'choices', 'from_dict', 'from_json',
+           'get', 'get_config', 'hparams', 'is_params_file', 'override', 'parse_params_file',
            'parse_params_override', 'resumable', 'to_flat', 'validate']
 
 
