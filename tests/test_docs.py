@@ -242,5 +242,6 @@ def test_readme_is_short_and_keeps_its_two_commands():
 
 def test_readme_links_every_docs_page():
   targets = {pathlib.PurePosixPath(t.partition('#')[0]) for t in links(README)}
-  pages = {pathlib.PurePosixPath('docs', p.name) for p in DOCS.glob('*.md') if p.name != 'README.md'}
+  pages = {pathlib.PurePosixPath('docs', p.name) for p in DOCS.glob('*.md')
+           if p.name != 'README.md'}
   assert pages <= targets, f'README.md does not link: {sorted(map(str, pages - targets))}'

@@ -127,7 +127,8 @@ def _recorded_run(model_dir: str, config: configs.Config) -> tuple[configs.Confi
 
 
 def _splits_read(config: configs.Config) -> tuple[str, ...]:
-  return ('train', 'val') + ((config.eval.calibration_split,) if config.eval.calibration_split else ())
+  calibration = config.eval.calibration_split
+  return ('train', 'val') + ((calibration,) if calibration else ())
 
 
 def _check_runtime(config: configs.Config, runtime: distribution.Runtime) -> None:
