@@ -39,6 +39,7 @@ import contextlib
 import faulthandler
 import importlib.abc
 import importlib.util
+import logging
 import os
 import sys
 import tempfile
@@ -178,7 +179,24 @@ def _stderr_fd_captured():
       real_stderr.flush()
       os.dup2(real, 2)
       sys.stderr = python_stderr
+      _repoint_log_handlers(real_stderr, python_stderr)
       if faulthandler_was_on:
         faulthandler.enable(python_stderr)
       else:
         faulthandler.disable()
+
+
+def _repoint_log_handlers(old_stream, new_stream) -> None:
+  """Log handlers made during the import onto the temporary sys.stderr write to new_stream.
+
+  TensorFlow's Python logger makes its StreamHandler on sys.stderr as it loads, which in the
+  capture window is the stream that closes with it: every later TensorFlow warning (a
+  deprecation, a retracing notice) would print logging's "--- Logging error ---" and a
+  traceback instead of the warning.
+  """
+  loggers = [logging.getLogger(), *(logger for logger in logging.Logger.manager.loggerDict.values()
+                                    if isinstance(logger, logging.Logger))]
+  for logger in loggers:
+    for handler in logger.handlers:
+      if isinstance(handler, logging.StreamHandler) and handler.stream is old_stream:
+        handler.setStream(new_stream)

@@ -68,8 +68,9 @@ def test_verbose_requested_reads_the_flag_as_absl_does(argv, expected):
 # A stand-in TensorFlow package: C++-style writes to file descriptor 2 on load and on the first
 # device lookup only (as CUDA's start), a Python warning; FAKE_TF_FAIL fails, FAKE_TF_ABORT aborts.
 _FAKE_TENSORFLOW = '''
-import os, types, warnings
+import logging, os, sys, types, warnings
 os.write(2, b'I0000 load-time line\\n')
+logging.getLogger('tensorflow').addHandler(logging.StreamHandler(sys.stderr))  # As TF's does.
 warnings.warn('a python warning')
 if os.environ.get('FAKE_TF_FAIL'):
   raise ImportError('libfake.so: cannot open shared object file')
@@ -83,12 +84,13 @@ def _list_physical_devices():
 config = types.SimpleNamespace(list_physical_devices=_list_physical_devices)
 '''
 _PROGRAM = textwrap.dedent('''
-    import os, sys
+    import logging, os, sys
     from camvid_common import quiet
     quiet.start()
     import tensorflow
     tensorflow.config.list_physical_devices()
     os.write(2, b'after the load\\n')
+    logging.getLogger('tensorflow').warning('a python log line after the load')
     print('stderr is', 'restored' if sys.stderr is sys.__stderr__ else 'replaced')
 ''')
 
@@ -102,7 +104,8 @@ def _run_with_fake_tensorflow(tmp_path, args=(), **env) -> subprocess.CompletedP
 
 
 @pytest.mark.parametrize('args, env, shown, hidden', [
-    ((), {}, ['a python warning', 'after the load'], ['I0000', 'E0000']),
+    ((), {}, ['a python warning', 'after the load', 'a python log line after the load'],
+     ['I0000', 'E0000', 'Logging error']),
     (('--verbose',), {}, ['I0000 load-time', 'E0000 failed', 'a python warning'], []),
     ((), {'TF_CPP_MIN_LOG_LEVEL': '0'}, ['I0000 load-time', 'E0000 failed'], []),
     ((), {'TF_CPP_MIN_LOG_LEVEL': '3'}, ['a python warning'], ['I0000', 'E0000']),
