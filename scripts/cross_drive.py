@@ -6,7 +6,10 @@
 
 For each FOLDS/holdout-<drive>/ (tfrecords_builder.folds output) and each seed it runs
 `python -m trainer.task --config C --data_dir FOLDS/holdout-H --model_dir R/holdout-H-seedS
---seed S [extra flags]`, its output going to R/holdout-H-seedS.log. A run whose model_dir already
+--seed S --params_override=eval.every_epochs=0 [extra flags]`, its output going to
+R/holdout-H-seedS.log. A fold's val split is the held-out drive, the test of this script, so it
+must not choose the weights: the runs validate after their last epoch only, and best/,
+metrics.json and the export hold the final weights (early stopping waits for that validation). A run whose model_dir already
 holds metrics.json is not retrained, so rerunning the command continues where it stopped (an
 interrupted run resumes from its own checkpoints). Runs go one after another, or --parallel N at
 a time.
@@ -99,6 +102,7 @@ def run_one(args, fold: pathlib.Path, seed: int) -> dict:
   if not (model_dir / METRICS).is_file():
     command = [sys.executable, '-m', 'trainer.task', '--config', args.config,
                '--data_dir', str(fold), '--model_dir', str(model_dir), '--seed', str(seed),
+               '--params_override=eval.every_epochs=0',
                *(['--verbose'] if args.verbose else []), *args.extra]
     print(f'{name}: training, log {log_path}', flush=True)
     start = time.perf_counter()

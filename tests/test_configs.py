@@ -85,6 +85,7 @@ def test_config_json_round_trips_nested():
     ('data.contrast', 1.5), ('data.saturation', 2.0), ('eval.num_summary_images', -1),
     ('trainer.profile_steps', (5, 2)), ('trainer.profile_steps', (-1, 2)),
     ('eval.logit_adjustment', 1.5), ('eval.calibration_split', ''), ('steps_per_epoch', 0),
+    ('eval.every_epochs', -1),
     ('eval.scales', ()), ('eval.scales', (0.0, 1.0)), ('eval.scales', (4.5,)),
     ('eval.scales', (0.1, 1.0)),  # 288 x 0.1 is less than one 32-pixel stride of `small`.
 ])

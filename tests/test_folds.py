@@ -147,8 +147,15 @@ def test_cross_drive_end_to_end(built_folds, tmp_path):
   _, out, _ = built_folds
   runs = tmp_path / 'runs'
   proc = run_cross_drive('--config', 'smoke', '--folds', out, '--output_dir', runs,
-                         '--', '--epochs', '1')
+                         '--', '--epochs', '2', '--params_override=data.hflip=false')
   assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+  for drive in EXPECTED:  # The held-out drive never chooses the weights; extra flags still apply.
+    run = runs / f'holdout-{drive}-seed42'
+    config = json.loads((run / 'config.json').read_text())
+    assert config['eval']['every_epochs'] == 0 and config['data']['hflip'] is False
+    history = (run / 'history.csv').read_text().splitlines()
+    val = history[0].split(',').index('val_mean_iou')
+    assert [bool(line.split(',')[val]) for line in history[1:]] == [False, True]
   lines = proc.stdout.strip().splitlines()
   header = next(l for l in lines if l.startswith('fold'))
   for column in ('seed', 'mIoU', 'pix_acc', 'Pole', 'SignSymbol', 'Pedestrian', 'Bicyclist',
@@ -165,7 +172,7 @@ def test_cross_drive_end_to_end(built_folds, tmp_path):
 
   # A rerun trains nothing and prints the same result.
   again = run_cross_drive('--config', 'smoke', '--folds', out, '--output_dir', runs,
-                          '--', '--epochs', '1')
+                          '--', '--epochs', '2', '--params_override=data.hflip=false')
   assert again.returncode == 0, again.stderr[-3000:]
   assert again.stdout.count('already trained') == 2 and 'training' not in again.stdout
   assert again.stdout.strip().splitlines()[-1] == lines[-1]

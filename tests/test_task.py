@@ -278,6 +278,9 @@ def test_summary_only_prints_the_keras_summary():
     (('--params_override', 'optimizer.learning_rate=fast'),
      "--params_override: optimizer.learning_rate: expected float, got 'fast'"),
     (('--params_override', '{overrides}'), 'data.image_size: 30x30 must be positive multiples'),
+    # Repeated: applied in order, the later value wins (the heads come from the first).
+    (('--params_override', 'model.depth=3,loss.aux_loss_weight=0.4', '--params_override',
+      'model.depth=1'), 'loss.aux_loss_weight: 0.4 needs model.depth >= 2, not model.depth 1'),
 ])
 def test_bad_input_fails_before_training(smoke_data, tmp_path, args, message):
   (tmp_path / 'empty').mkdir()

@@ -8,6 +8,7 @@ import pytest
 import tensorflow as tf
 
 from trainer import averaging, configs, losses, segmentation, train
+from trainer import history as history_lib
 from trainer import model as model_lib
 from camvid_common.errors import ConfigError
 
@@ -116,6 +117,21 @@ def test_ema_run_validates_and_keeps_the_averaged_weights(smoke_data, tmp_path):
   for a, b in zip(average.variables, best.weights):  # BatchNorm statistics included.
     np.testing.assert_array_equal(a.numpy(), b.numpy())
   assert not all(np.array_equal(w.numpy(), b.numpy()) for w, b in zip(model.weights, best.weights))
+
+
+def test_validating_after_the_last_epoch_only_keeps_the_final_weights(smoke_data, tmp_path):
+  """eval.every_epochs 0: one validation, after the last epoch; best/ is the final weights.
+
+  Early stopping waits for a validation: before it there is no best to stop at.
+  """
+  config = configs.get_config('smoke').replace(**{
+      'trainer.epochs': 3, 'eval.every_epochs': 0, 'trainer.early_stopping_patience': 1})
+  result = train.run(config, str(smoke_data), str(tmp_path), export=False, log=lambda *_: None)
+  rows = history_lib.read(str(tmp_path / history_lib.HISTORY_NAME))
+  assert [r['epoch'] for r in rows] == ['0', '1', '2']
+  assert [bool(r['val_mean_iou']) for r in rows] == [False, False, True]
+  last_backup = tf.train.latest_checkpoint(str(tmp_path / 'checkpoints'))
+  assert result['checkpoint'].rsplit('-', 1)[1] == last_backup.rsplit('-', 1)[1]
 
 
 def test_deep_supervision_adds_the_weighted_head_losses():

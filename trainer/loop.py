@@ -102,7 +102,7 @@ class Settings:
   global_batch_size: int
   steps_per_loop: int = 10
   backup_every_steps: int = 100  # Besides every epoch end; 0 = epoch ends only.
-  eval_every_epochs: int = 1  # And after the last epoch.
+  eval_every_epochs: int = 1  # And after the last epoch; 0 = after the last only.
   early_stopping_patience: int | None = None
   early_stopping_min_delta: float = 0.0
   profile_steps: tuple[int, int] | None = None
@@ -274,7 +274,8 @@ class Loop:
     totals, steps_run = self._train_steps(iterator, sigterm)
     train_seconds = time.perf_counter() - started
     train = self.task.train_result(totals)
-    due = (epoch + 1) % settings.eval_every_epochs == 0 or epoch + 1 == settings.epochs
+    every = settings.eval_every_epochs
+    due = (every and (epoch + 1) % every == 0) or epoch + 1 == settings.epochs
     val = None
     with self.task.validation(due):
       if due:
@@ -308,7 +309,9 @@ class Loop:
 
   def _check_early_stop(self) -> None:
     patience = self.settings.early_stopping_patience
-    if patience and int(self.epoch) - int(self.best_epoch) >= patience:
+    # Counted from the first validation: before it there is no best to stop at (best/ is empty).
+    best_epoch = int(self.best_epoch)
+    if patience and best_epoch >= 0 and int(self.epoch) - best_epoch >= patience:
       self.stopped.assign(True)
       self.log(f'early stop: no better val {self.task.best_metric_label} for {patience} epochs '
                f'(best: epoch {int(self.best_epoch) + 1}, {float(self.best_value):.4f})')

@@ -36,11 +36,11 @@ _STEPS_PER_EPOCH = flags.DEFINE_integer('steps_per_epoch', None,
 _HPARAMS_FILE = flags.DEFINE_string('hparams_file', None, 'JSON object of config overrides (flat '
                                     'names such as the tuner\'s best_hparams.json, dotted or '
                                     'nested keys); --params_override and flags win over it.')
-_PARAMS_OVERRIDE = flags.DEFINE_string(
+_PARAMS_OVERRIDE = flags.DEFINE_multi_string(
     'params_override', None, 'Config overrides by dotted key: comma-separated key=value pairs '
     '(YAML values), e.g. model.base_filters=32,optimizer.learning_rate=3e-4,eval.scales=[0.75,1], '
-    'or a .yaml/.yml/.json file of nested or dotted keys. Applied after --hparams_file, before '
-    'the shorthand flags.')
+    'or a .yaml/.yml/.json file of nested or dotted keys; may be repeated (applied in order, '
+    'later wins). Applied after --hparams_file, before the shorthand flags.')
 _STRATEGY = flags.DEFINE_enum('strategy', None, list(configs.choices('runtime.strategy')),
                               'runtime.strategy (default auto: TF_CONFIG -> multi_worker, '
                               'several GPUs -> mirrored, else default).')
@@ -78,9 +78,8 @@ def resolve_config(preset: str) -> configs.Config:
     if _HPARAMS_FILE.value:
       config = configs.override(config, _read_hparams(_HPARAMS_FILE.value),
                                 f'--hparams_file {_HPARAMS_FILE.value}')
-    if _PARAMS_OVERRIDE.value:
-      config = configs.override(config, _read_params_override(_PARAMS_OVERRIDE.value),
-                                '--params_override')
+    for value in _PARAMS_OVERRIDE.value or ():
+      config = configs.override(config, _read_params_override(value), '--params_override')
     values = {name: flags.FLAGS[name].value for name in SHORTHANDS}
     values['image_size'] = values['profile_steps'] = None  # Strings, parsed here:
     if _IMAGE_SIZE.value:

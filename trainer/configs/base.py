@@ -178,7 +178,9 @@ class EvalConfig(_Group):
   # (model.predict_logits; also in calibration and the export). (1.0,) = image_size only.
   scales: tuple[float, ...] = (1.0,)
   batch_size: int | None = None  # Global; None = data.batch_size.
-  every_epochs: int = 1  # Validate after every n-th epoch and after the last.
+  # Validate after every n-th epoch and after the last; 0 = after the last only, so best/ holds
+  # the final weights and val selects nothing (cross-drive folds, whose val is the test).
+  every_epochs: int = 1
   # Inference adds -logit_adjustment * log(class weight) to the logits before the argmax
   # (validation, metrics, TensorBoard overlays, the export). Class-weighted training shifts the
   # model's scores by about +log(weight) per class (Menon et al. 2021, "Long-tail learning via
@@ -196,7 +198,7 @@ class EvalConfig(_Group):
     return {
         'scales': bool(self.scales) and all(0 < s <= 4 for s in self.scales),
         'batch_size': self.batch_size is None or self.batch_size >= 1,
-        'every_epochs': self.every_epochs >= 1,
+        'every_epochs': self.every_epochs >= 0,
         'logit_adjustment': 0 <= self.logit_adjustment <= 1,
         'calibration_split': self.calibration_split is None or bool(self.calibration_split),
         'num_summary_images': self.num_summary_images >= 0,
