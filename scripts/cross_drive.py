@@ -9,10 +9,10 @@ For each FOLDS/holdout-<drive>/ (tfrecords_builder.folds output) and each seed i
 --seed S --params_override=eval.every_epochs=0 [extra flags]`, its output going to
 R/holdout-H-seedS.log. A fold's val split is the held-out drive, the test of this script, so it
 must not choose the weights: the runs validate after their last epoch only, and best/,
-metrics.json and the export hold the final weights (early stopping waits for that validation). A run whose model_dir already
-holds metrics.json is not retrained, so rerunning the command continues where it stopped (an
-interrupted run resumes from its own checkpoints). Runs go one after another, or --parallel N at
-a time.
+metrics.json and the export hold the final weights (early stopping waits for that validation).
+A run whose model_dir already holds metrics.json is not retrained, so rerunning the command
+continues where it stopped (an interrupted run resumes from its own checkpoints). Runs go one
+after another, or --parallel N at a time.
 
 Prints one row per run: fold, seed, val mIoU and pixel accuracy on the held-out drive, the IoU of
 the five thin classes and the minutes it took; then the mean over folds of each fold's mean over

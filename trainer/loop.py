@@ -275,7 +275,7 @@ class Loop:
     train_seconds = time.perf_counter() - started
     train = self.task.train_result(totals)
     every = settings.eval_every_epochs
-    due = (every and (epoch + 1) % every == 0) or epoch + 1 == settings.epochs
+    due = epoch + 1 == settings.epochs or (every > 0 and (epoch + 1) % every == 0)
     val = None
     with self.task.validation(due):
       if due:
