@@ -15,6 +15,7 @@ from tfrecords_builder import features
 from tfrecords_builder import folds
 from tfrecords_builder import manifest as manifest_lib
 from tfrecords_builder import synthetic
+from trainer import history as history_lib
 
 # Drive-prefixed frame names per split, CamVid style. 0006R0 has a frame in val too, so a fold's
 # val must gather its drive from both splits; the test split's 0001TP frames must stay unused.
@@ -153,9 +154,8 @@ def test_cross_drive_end_to_end(built_folds, tmp_path):
     run = runs / f'holdout-{drive}-seed42'
     config = json.loads((run / 'config.json').read_text())
     assert config['eval']['every_epochs'] == 0 and config['data']['hflip'] is False
-    history = (run / 'history.csv').read_text().splitlines()
-    val = history[0].split(',').index('val_mean_iou')
-    assert [bool(line.split(',')[val]) for line in history[1:]] == [False, True]
+    history = history_lib.read(str(run / history_lib.HISTORY_NAME))
+    assert [bool(row['val_mean_iou']) for row in history] == [False, True]
   lines = proc.stdout.strip().splitlines()
   header = next(l for l in lines if l.startswith('fold'))
   for column in ('seed', 'mIoU', 'pix_acc', 'Pole', 'SignSymbol', 'Pedestrian', 'Bicyclist',

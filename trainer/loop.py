@@ -314,7 +314,7 @@ class Loop:
     if patience and best_epoch >= 0 and int(self.epoch) - best_epoch >= patience:
       self.stopped.assign(True)
       self.log(f'early stop: no better val {self.task.best_metric_label} for {patience} epochs '
-               f'(best: epoch {int(self.best_epoch) + 1}, {float(self.best_value):.4f})')
+               f'(best: epoch {best_epoch + 1}, {float(self.best_value):.4f})')
 
 
 def current_learning_rate(optimizer) -> float:
