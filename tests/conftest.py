@@ -46,6 +46,28 @@ def smoke_data(tmp_path_factory):
   return root / 'tfrecords'
 
 
+@pytest.fixture(scope='session')
+def darkened_data(smoke_data, tmp_path_factory):
+  """smoke_data's scenes with pixel values made multiples of 5 (x // 5 * 5), and the same scenes
+  darkened to 0.6 x + 13: a global brightness and contrast change, exact in uint8. Each is built
+  into TFRecords as smoke_data is; returns the two TFRecords dirs (original, darkened), each
+  beside the `raw` scene folder it was built from."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from tfrecords_builder import writer  # pylint: disable=g-import-not-at-top
+  root = tmp_path_factory.mktemp('darkened_data')
+  out = []
+  for name, change in (('original', lambda q: q * 5), ('darkened', lambda q: q * 3 + 13)):
+    raw = pathlib.Path(shutil.copytree(smoke_data.parent / 'raw', root / name / 'raw'))
+    for path in [*raw.glob('train/*.png'), *raw.glob('val/*.png')]:
+      pixels = np.asarray(Image.open(path).convert('RGB')) // 5
+      Image.fromarray(change(pixels).astype(np.uint8)).save(path)
+    writer.build(str(raw), str(root / name / 'tfrecords'), num_shards={'train': 3, 'val': 2},
+                 num_workers=1, log=lambda *_: None)
+    out.append(root / name / 'tfrecords')
+  return tuple(out)
+
+
 # The shared smoke run's options: class weighting with its logit adjustment, a bias calibrated on
 # train, and two test-time scales (0.6 x 32 = 19 pixels is padded to the model's multiple of 4),
 # so one run has every post-training step that the export and trainer.evaluate must reproduce.

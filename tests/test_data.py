@@ -10,6 +10,7 @@ from tfrecords_builder import features
 from tfrecords_builder import manifest as manifest_lib
 from trainer import configs
 from trainer import data
+from trainer import inference
 
 
 def _config(**kw):
@@ -284,6 +285,76 @@ def test_photometric_equals_tf_image_ops_in_sequence():
     want = tf.clip_by_value(grey + jitter[i, 2] * (x - grey), 0.0, 1.0)
     np.testing.assert_allclose(out['image'][i].numpy(), want.numpy(), atol=1e-5)
     np.testing.assert_array_equal(out['mask'][i].numpy(), m)
+
+
+@pytest.mark.parametrize('cache_mb', [2048, 0], ids=['cached', 'streamed'])
+def test_standardized_batches_ignore_a_global_brightness_and_contrast_change(darkened_data,
+                                                                             cache_mb):
+  """data.standardize: a frame and its 0.6 x + 13 copy make the same batches (same seed)."""
+  original, darkened = (manifest_lib.read(str(d)) for d in darkened_data)
+  # The smoke preset's random scales, crops and flips; no colour jitter, whose clip at 0 and 1
+  # is not invariant.
+  config = _config(**{'data.brightness': 0.0, 'data.contrast': 0.0, 'data.saturation': 0.0})
+
+  def images(manifest, standardize):
+    batches = data.train_dataset(manifest, config.replace(**{
+        'data.standardize': standardize, 'runtime.cache_decoded_mb': cache_mb}))
+    return np.concatenate([batch['image'].numpy() for batch in batches])
+
+  np.testing.assert_allclose(images(darkened, True), images(original, True), atol=1e-4)
+  assert np.abs(images(darkened, False) - images(original, False)).max() > 0.1
+
+
+def _two_tone_frame():
+  """_frame() with its top half darker, so a crop's statistics differ from the frame's."""
+  image, mask = _frame()
+  image[:18] //= 3
+  return image, mask
+
+
+def test_a_standardized_crop_is_a_window_of_the_standardized_whole_frame():
+  image, mask = _two_tone_frame()
+  config = _plain(**{'data.image_size': (36, 48), 'data.crop_size': (12, 16),
+                     'data.scale_min': 1.0, 'data.scale_max': 1.0, 'data.standardize': True})
+  whole = inference.standardize(image / 255.0).numpy()
+  windows = {(t, l): whole[t:t + 12, l:l + 16] for t in range(25) for l in range(33)}
+  for seed in range(4):
+    out = data.augment(tf.constant(image), tf.constant(mask),
+                       tf.constant([seed, 5], tf.int64), config)['image'].numpy()
+    (top, left), window = min(windows.items(), key=lambda kv: np.abs(kv[1] - out).max())
+    np.testing.assert_allclose(out, window, atol=1e-5)
+    crop_alone = inference.standardize(image[top:top + 12, left:left + 16] / 255.0).numpy()
+    assert np.abs(out - crop_alone).max() > 0.1, 'degenerate test: crop and frame alike'
+
+
+def test_standardized_crops_are_padded_with_the_frame_mean():
+  """Below scale 1 the padding standardizes to 0, whatever the frame's brightness."""
+  image, mask = _two_tone_frame()
+  config = _plain(**{'data.image_size': (24, 32), 'data.scale_min': 0.5, 'data.scale_max': 0.5,
+                     'data.standardize': True})
+  out = data.augment(tf.constant(image), tf.constant(mask), tf.constant([3, 4], tf.int64),
+                     config)['image'].numpy()
+  np.testing.assert_allclose(out[12:], 0.0, atol=1e-5)
+  np.testing.assert_allclose(out[:, 16:], 0.0, atol=1e-5)
+  assert np.abs(out[:12, :16]).max() > 0.5  # The scaled frame itself, standardized.
+
+
+def test_standardize_follows_the_colour_jitter_on_the_whole_frame():
+  """The crop is the whole frame standardized after brightness, contrast and saturation."""
+  image, mask = _two_tone_frame()
+  config = _plain(**{'data.image_size': (36, 48), 'data.scale_min': 1.0,
+                     'data.scale_max': 1.0}).replace(**{
+                         'data.brightness': 0.3, 'data.contrast': 0.5, 'data.saturation': 0.5})
+  for seed in range(3):
+    seed = tf.constant([seed, 7], tf.int64)
+    delta, contrast, saturation = data.geometric(image, mask, seed, config)['jitter'].numpy()
+    out = data.augment(tf.constant(image), tf.constant(mask), seed,
+                       config.replace(**{'data.standardize': True}))['image'].numpy()
+    x = tf.image.adjust_contrast(tf.image.adjust_brightness(image / 255.0, delta), contrast)
+    grey = tf.image.rgb_to_grayscale(x)
+    x = tf.clip_by_value(grey + saturation * (x - grey), 0.0, 1.0)
+    np.testing.assert_allclose(out, inference.standardize(x).numpy(), atol=1e-4)
+    assert abs(delta) > 0.01 and abs(contrast - 1) > 0.01
 
 
 def test_summary_frames_go_round_robin_over_drives_evenly_spaced_within_each():

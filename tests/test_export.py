@@ -1,8 +1,9 @@
 """Tests for trainer.export and the trainer.predict command line.
 
 The serving signature is checked against an independent re-computation of its pipeline (decode,
-[0, 1] scaling, antialiased resize, model, optional flip averaging, logits resized back, argmax)
-on real PNG and JPEG bytes, with a tiny U-Net so the whole file stays well under a minute.
+[0, 1] scaling, antialiased resize, optional standardization, model, optional flip averaging,
+logits resized back, argmax) on real PNG and JPEG bytes, with a tiny U-Net so the whole file
+stays well under a minute.
 """
 
 import io
@@ -47,10 +48,11 @@ def _spec(**changes):
                         image_size=MODEL_SIZE).replace(**changes)
 
 
-def _export(model, export_dir, flip=False, logit_bias=None, scales=(1.0,), multiple=1):
+def _export(model, export_dir, flip=False, logit_bias=None, scales=(1.0,), multiple=1,
+            standardize=False):
   export_lib.export_model(model, str(export_dir), _spec(
       flip=flip, bias=None if logit_bias is None else tuple(logit_bias), scales=scales,
-      size_multiple=multiple))
+      size_multiple=multiple, standardize=standardize))
 
 
 @pytest.fixture(scope='module')
@@ -81,11 +83,14 @@ def _encode(array, fmt='PNG'):
   return buf.getvalue()
 
 
-def _expected_class_ids(model, image, flip=False, logit_bias=None):
+def _expected_class_ids(model, image, flip=False, logit_bias=None, standardize=False):
   """The serving pipeline re-computed eagerly for one decoded uint8 [H, W, 3] image."""
   height, width = image.shape[:2]
   x = tf.image.convert_image_dtype(tf.constant(image[None]), tf.float32)
   x = tf.image.resize(x, MODEL_SIZE, method='bilinear', antialias=True)
+  if standardize:  # The resized frame's mean and deviation over all its pixels and channels.
+    mean, std = tf.reduce_mean(x), tf.math.reduce_std(x)
+    x = (x - mean) / std
   logits = model(x, training=False)
   if flip:
     mirrored = model(x[:, :, ::-1, :], training=False)[:, :, ::-1, :]
@@ -194,6 +199,22 @@ def test_multiscale_export_averages_the_scaled_predictions(tmp_path):
   assert export_lib.load_labels(str(tmp_path / 'export'))['scales'] == [0.6, 0.75, 1.0]
 
 
+def test_standardized_export_is_blind_to_a_global_brightness_and_contrast_change(
+    model, serve, tmp_path):
+  _export(model, tmp_path / 'export', standardize=True)
+  standardized = tf.saved_model.load(
+      str(tmp_path / 'export' / 'serving')).signatures['serving_default']
+  image = _image(40, 56, seed=9) // 5 * 5
+  darker = image // 5 * 3 + 13  # 0.6 x + 13, exact in uint8.
+  predict = lambda fn, x: fn(image_bytes=tf.constant([_encode(x)]))['class_ids'].numpy()[0]
+  out = predict(standardized, image)
+  _assert_agrees(out, _expected_class_ids(model, image, standardize=True))
+  _assert_agrees(predict(standardized, darker), out)
+  assert np.mean(predict(serve, darker) != predict(serve, image)) > 0.05, (
+      'degenerate test: darkening changes no plain prediction')
+  assert export_lib.load_labels(str(tmp_path / 'export'))['standardize'] is True
+
+
 # --- model.keras, labels.json and atomicity ---------------------------------------------------
 
 def test_keras_model_reloads_with_same_logits(model, model_dir):
@@ -215,6 +236,7 @@ def test_labels_json_contents(model_dir):
       'image_size': [32, 32],
       'flip': False,
       'size_multiple': 1,
+      'standardize': False,
       'scales': [1.0],
       'logit_bias': None,
       'class_weights': None,

@@ -516,3 +516,28 @@ def test_gpu_preset_trains_a_few_steps_on_cpu_in_bfloat16(smoke_data, tmp_path):
   serve = tf.saved_model.load(str(model_dir / 'export' / 'serving')).signatures['serving_default']
   frame = tf.io.encode_png(tf.zeros([48, 64, 3], tf.uint8))
   assert serve(image_bytes=tf.reshape(frame, [1]))['class_ids'].shape == (1, 48, 64)
+
+
+def test_standardized_run_predicts_alike_on_darkened_frames(darkened_data, tmp_path):
+  """data.standardize reaches inference.json, validation, trainer.evaluate and the export: a
+  frame and its 0.6 x + 13 copy (conftest.darkened_data) get the same class ids."""
+  original, darkened = darkened_data
+  model_dir = tmp_path / 'model'
+  proc = run_module('trainer.task', *SMOKE, '--data_dir', original, '--model_dir', model_dir,
+                    '--epochs', '1', '--params_override=data.standardize=true')
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert json.loads((model_dir / 'inference.json').read_text())['standardize'] is True
+  assert json.loads((model_dir / 'export' / 'labels.json').read_text())['standardize'] is True
+  # The run's val metrics (the evaluation validation uses) reproduced on the darkened val split.
+  from trainer import evaluate  # pylint: disable=g-import-not-at-top
+  metrics = json.loads((model_dir / 'metrics.json').read_text())
+  result = evaluate.evaluate_model_dir(str(model_dir), str(darkened), 'val')
+  assert result['confusion_matrix'] == metrics['confusion_matrix']
+  serve = tf.saved_model.load(str(model_dir / 'export' / 'serving')).signatures['serving_default']
+  frames = sorted((original.parent / 'raw' / 'val').glob('*.png'))
+  predict = lambda paths: serve(image_bytes=tf.constant(
+      [p.read_bytes() for p in paths]))['class_ids'].numpy()
+  ids = predict(frames)
+  assert len(np.unique(ids)) > 1, 'degenerate test: one class everywhere'
+  np.testing.assert_array_equal(
+      predict([darkened.parent / 'raw' / 'val' / p.name for p in frames]), ids)

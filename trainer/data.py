@@ -25,6 +25,7 @@ from camvid_common import errors
 from tfrecords_builder import features
 from tfrecords_builder import layouts
 from tfrecords_builder.manifest import Manifest
+from trainer import inference
 
 AUTOTUNE = tf.data.AUTOTUNE
 _MAX_PARALLEL_FILES = 16
@@ -98,15 +99,16 @@ def augment(image: tf.Tensor, mask: tf.Tensor, seed: tf.Tensor, config) -> dict:
   batch); this composition is the same computation for a single frame.
 
   Returns:
-    {'image': float32 [height, width, 3] in [0, 1], 'mask': uint8 [height, width]}, of size
-    config.data.crop_size (default image_size).
+    {'image': float32 [height, width, 3] in [0, 1] (standardized with data.standardize),
+    'mask': uint8 [height, width]}, of size config.data.crop_size (default image_size).
   """
   example = geometric(image, mask, seed, config)
-  batch = photometric({k: v[None] for k, v in example.items()})
+  batch = photometric({k: v[None] for k, v in example.items()}, config.data.standardize)
   return {k: v[0] for k, v in batch.items()}
 
 
-def geometric(image: tf.Tensor, mask: tf.Tensor, seed: tf.Tensor, config) -> dict:
+def geometric(image: tf.Tensor, mask: tf.Tensor, seed: tf.Tensor, config,
+              moments: tf.Tensor | None = None) -> dict:
   """Random scale and crop (void-padded), and this example's flip and colour-jitter draws.
 
   Geometrically this is: resize the frame to image_size * scale, pad it with void up to the
@@ -117,18 +119,37 @@ def geometric(image: tf.Tensor, mask: tf.Tensor, seed: tf.Tensor, config) -> dic
   the same) and applied per batch by photometric(): as one fused pass over the batch they cost
   a fraction of what tf.image's separate per-image ops do.
 
+  With config.data.standardize the crop also carries the moments of its whole frame, by which
+  photometric() standardizes it (inference.standardize): it is then a window of the
+  standardized whole frame, padded with the frame's mean (which standardizes to 0). The
+  moments are those of the frame after the colour jitter, so the jitter is applied here, to
+  the whole frame, and the returned jitter is the identity.
+
   Args:
     image: uint8 [H, W, 3].
     mask: uint8 [H, W], void = 255.
     seed: int64 [2] stateless seed.
     config: the trainer Config.
+    moments: with data.standardize and no colour jitter, the frame's moments if known
+      (_moments_of(image)); computed here otherwise.
 
   Returns:
     {'image': float32 [height, width, 3] in pixel units [0, 255], 'mask': uint8 [height, width],
-     'flip': bool [], 'jitter': float32 [3] (brightness delta, contrast and saturation factors)}.
+     'flip': bool [], 'jitter': float32 [3] (brightness delta, contrast and saturation factors)},
+    with data.standardize also 'moments': float32 [2].
   """
   height, width = config.data.crop_size or config.data.image_size
   seeds = tf.random.experimental.stateless_split(seed, num=7)
+  aug = config.data
+  flip = _uniform(seeds[3], 0.0, 1.0) < 0.5 if aug.hflip else tf.constant(False)
+  jitter = tf.stack([
+      _uniform(seeds[4], -aug.brightness, aug.brightness) if aug.brightness else 0.0,
+      _uniform(seeds[5], 1 - aug.contrast, 1 + aug.contrast) if aug.contrast else 1.0,
+      _uniform(seeds[6], 1 - aug.saturation, 1 + aug.saturation) if aug.saturation else 1.0])
+  pad_value = 0.0
+  if aug.standardize:
+    image, moments = _standardization_source(image, jitter, aug, moments)
+    jitter, pad_value = tf.constant(_NO_JITTER), moments[0] * 255.0
   source = tf.shape(image)[:2]
   # Scale 1 maps the whole frame onto image_size, the geometry evaluation uses.
   scale = _uniform(seeds[0], config.data.scale_min, config.data.scale_max)
@@ -155,22 +176,43 @@ def geometric(image: tf.Tensor, mask: tf.Tensor, seed: tf.Tensor, config) -> dic
   # tf.pad copies even when there is nothing to pad; most crops need none.
   image, mask = tf.cond(
       tf.reduce_any(pad > 0),
-      lambda: (tf.pad(image, [[0, pad[0]], [0, pad[1]], [0, 0]]),
+      lambda: (tf.pad(image, [[0, pad[0]], [0, pad[1]], [0, 0]], constant_values=pad_value),
                tf.pad(mask, [[0, pad[0]], [0, pad[1]]], constant_values=features.IGNORE_LABEL)),
       lambda: (image, mask))
   image.set_shape([height, width, 3])
   mask.set_shape([height, width])
-  aug = config.data
-  flip = _uniform(seeds[3], 0.0, 1.0) < 0.5 if aug.hflip else tf.constant(False)
-  jitter = tf.stack([
-      _uniform(seeds[4], -aug.brightness, aug.brightness) if aug.brightness else 0.0,
-      _uniform(seeds[5], 1 - aug.contrast, 1 + aug.contrast) if aug.contrast else 1.0,
-      _uniform(seeds[6], 1 - aug.saturation, 1 + aug.saturation) if aug.saturation else 1.0])
-  return {'image': image, 'mask': mask, 'flip': flip, 'jitter': jitter}
+  example = {'image': image, 'mask': mask, 'flip': flip, 'jitter': jitter}
+  if aug.standardize:
+    example['moments'] = moments
+  return example
 
 
 # tf.image.rgb_to_grayscale's luma weights.
 _GREY = (0.2989, 0.5870, 0.1140)
+# Brightness delta 0, contrast and saturation factors 1.
+_NO_JITTER = (0.0, 1.0, 1.0)
+
+
+def _has_colour_jitter(aug) -> bool:
+  return bool(aug.brightness or aug.contrast or aug.saturation)
+
+
+def _moments_of(image: tf.Tensor) -> tf.Tensor:
+  """float32 [2]: inference.frame_moments (mean, deviation) of a [H, W, 3] frame in [0, 255]."""
+  frame = tf.cast(image, tf.float32) * (1.0 / 255.0)
+  return tf.reshape(tf.stack(inference.frame_moments(frame)), [2])
+
+
+def _standardization_source(image, jitter, aug, moments):
+  """The frame a standardized crop is cut from, in pixel units, and its moments.
+
+  With colour jitter that is the whole frame jittered (float32), whose moments the jitter
+  changes; without, the uint8 frame itself, with `moments` if given.
+  """
+  if _has_colour_jitter(aug):
+    frame = _jittered(tf.cast(image, tf.float32)[None] * (1.0 / 255.0), jitter[None])[0] * 255.0
+    return frame, _moments_of(frame)
+  return image, _moments_of(image) if moments is None else moments
 
 
 @tf.function(jit_compile=True)
@@ -178,8 +220,25 @@ def _photometric(image, mask, flip, jitter):
   # One XLA-compiled function, so the flip, the unit scaling, the three colour jitters and the
   # clip fuse into one pass over the batch (plus one for the contrast mean). As separate
   # tf.image ops per image they were ~7 passes and cost as much as the crop's resize.
-  image = tf.where(flip[:, None, None, None], tf.reverse(image, [2]), image) * (1.0 / 255.0)
-  mask = tf.where(flip[:, None, None], tf.reverse(mask, [2]), mask)
+  image, mask = _flipped(image, mask, flip)
+  return _jittered(image * (1.0 / 255.0), jitter), mask
+
+
+@tf.function(jit_compile=True)
+def _photometric_standardized(image, mask, flip, moments):
+  image, mask = _flipped(image, mask, flip)
+  mean, deviation = (moments[:, i, None, None, None] for i in range(2))
+  return inference.standardize(image * (1.0 / 255.0), (mean, deviation)), mask
+
+
+def _flipped(image, mask, flip):
+  """[B, H, W, ...] images and masks, those of a True `flip` [B] mirrored left to right."""
+  return (tf.where(flip[:, None, None, None], tf.reverse(image, [2]), image),
+          tf.where(flip[:, None, None], tf.reverse(mask, [2]), mask))
+
+
+def _jittered(image, jitter):
+  """[B, H, W, 3] images in [0, 1] with jitter [B, 3]'s colour changes, clipped to [0, 1]."""
   delta, contrast, saturation = (jitter[:, i, None, None, None] for i in range(3))
   # tf.image.adjust_brightness then adjust_contrast: c * (x + d - mean(x + d)) + mean(x + d).
   mean = tf.reduce_mean(image, [1, 2], keepdims=True)
@@ -188,20 +247,26 @@ def _photometric(image, mask, flip, jitter):
   # adjust_saturation) rather than tf.image's HSV round trip.
   grey = tf.reduce_sum(image * tf.constant(_GREY), -1, keepdims=True)
   image = saturation * image + (1.0 - saturation) * grey
-  return tf.clip_by_value(image, 0.0, 1.0), mask
+  return tf.clip_by_value(image, 0.0, 1.0)
 
 
-def photometric(batch: dict) -> dict:
+def photometric(batch: dict, standardized: bool = False) -> dict:
   """Applies geometric()'s flip and colour draws to a batch; images to float32 [0, 1].
 
   Args:
     batch: geometric()'s outputs stacked: image [B, H, W, 3] in [0, 255], mask [B, H, W],
       flip [B], jitter [B, 3].
+    standardized: data.standardize: the batch also holds geometric()'s 'moments' [B, 2], by
+      which the images are standardized instead of colour-jittered (geometric() did that).
 
   Returns:
-    {'image': float32 [B, H, W, 3] in [0, 1], 'mask': uint8 [B, H, W]}.
+    {'image': float32 [B, H, W, 3] in [0, 1] (or standardized), 'mask': uint8 [B, H, W]}.
   """
-  image, mask = _photometric(batch['image'], batch['mask'], batch['flip'], batch['jitter'])
+  if standardized:
+    image, mask = _photometric_standardized(batch['image'], batch['mask'], batch['flip'],
+                                            batch['moments'])
+  else:
+    image, mask = _photometric(batch['image'], batch['mask'], batch['flip'], batch['jitter'])
   return {'image': image, 'mask': mask}
 
 
@@ -236,7 +301,9 @@ def _void_example(config, label_size=None, valid=None, crop=False):
   element = {'image': tf.zeros([height, width, 3], tf.float32),
              'mask': tf.fill(label_size, tf.constant(features.IGNORE_LABEL, tf.uint8))}
   if crop:
-    element.update(flip=tf.constant(False), jitter=tf.constant([0.0, 1.0, 1.0]))
+    element.update(flip=tf.constant(False), jitter=tf.constant(_NO_JITTER))
+    if config.data.standardize:
+      element['moments'] = tf.constant([0.0, 1.0])
   if valid is not None:
     element['valid'] = tf.constant(valid)
   return element
@@ -258,8 +325,12 @@ class TrainInput:
     self._cached = {}  # input_pipeline_id -> cached decoded dataset
     # Traced once and reused by every epoch's dataset: tracing geometric() anew for each
     # epoch took ~0.2 s, during which the training loop waited for its first batch.
-    self._geometric = tf.function(lambda image, mask, seed: geometric(image, mask, seed, config))
-    self._decode = tf.function(_decode)
+    self._geometric = tf.function(
+        lambda image, mask, seed, moments=None: geometric(image, mask, seed, config, moments))
+    # Without colour jitter a frame's moments (data.standardize) are the same every epoch:
+    # computed on decoding, so a cached frame holds them.
+    self._with_moments = config.data.standardize and not _has_colour_jitter(config.data)
+    self._decode = tf.function(lambda record: _decode(record, self._with_moments))
 
   def cache_bytes(self, num_pipelines: int = 1) -> int | None:
     """Decoded size of the largest pipeline share, or None when frame sizes vary."""
@@ -302,6 +373,8 @@ class TrainInput:
     # Stand-in for an epoch's padding examples (the crop stage turns them into void ones).
     filler = ({'image': tf.zeros([1, 1, 3], tf.uint8), 'mask': tf.zeros([1, 1], tf.uint8)}
               if cached is not None else tf.constant(b''))
+    if cached is not None and self._with_moments:
+      filler['moments'] = tf.constant([0.0, 1.0])
     filler = tf.data.Dataset.from_tensors((tf.constant(0, tf.int64), tf.constant(0, tf.int64),
                                            filler, tf.constant(True))).repeat()
 
@@ -324,7 +397,8 @@ class TrainInput:
     def decode_and_crop(seed, index, element, is_padding):
       def crop():
         frame = element if cached is not None else self._decode(element)
-        return self._geometric(frame['image'], frame['mask'], tf.stack([seed, index]))
+        return self._geometric(frame['image'], frame['mask'], tf.stack([seed, index]),
+                               frame.get('moments'))
       return tf.cond(is_padding, lambda: _void_example(config, crop=True), crop)
 
     # Decoding and cropping run outside flat_map: tf.data optimises (parallelism, prefetch)
@@ -333,20 +407,25 @@ class TrainInput:
         decode_and_crop, num_parallel_calls=AUTOTUNE, deterministic=True)
     # Each epoch's length is a multiple of per_replica, so no batch straddles two epochs.
     batches = examples.batch(per_replica, drop_remainder=True)
-    return batches.map(photometric, num_parallel_calls=AUTOTUNE,
-                       deterministic=True).prefetch(AUTOTUNE)
+    return batches.map(lambda batch: photometric(batch, config.data.standardize),
+                       num_parallel_calls=AUTOTUNE, deterministic=True).prefetch(AUTOTUNE)
 
   def _decoded(self, share: PipelineShare, ctx: tf.distribute.InputContext) -> tf.data.Dataset:
     key = ctx.input_pipeline_id
     if key not in self._cached:
       self._cached[key] = _records(share, ctx, shuffle_seed=None).map(
-          _decode, num_parallel_calls=AUTOTUNE, deterministic=True).cache()
+          lambda record: _decode(record, self._with_moments), num_parallel_calls=AUTOTUNE,
+          deterministic=True).cache()
     return self._cached[key]
 
 
-def _decode(record: tf.Tensor) -> dict:
+def _decode(record: tf.Tensor, with_moments: bool = False) -> dict:
+  """{'image', 'mask'} of a record, with_moments also the image's _moments_of()."""
   example = features.parse_example(record)
-  return {'image': example['image'], 'mask': example['mask']}
+  frame = {'image': example['image'], 'mask': example['mask']}
+  if with_moments:
+    frame['moments'] = _moments_of(frame['image'])
+  return frame
 
 
 def train_dataset(manifest: Manifest, config, ctx: tf.distribute.InputContext | None = None,

@@ -6,12 +6,12 @@
                 custom objects are needed). For fine-tuning, evaluation or re-export.
   serving/      A TF SavedModel whose `serving_default` signature maps encoded PNG/JPEG bytes to
                 per-pixel class ids at the input resolution, with decoding, scaling, resizing,
-                optional flip and scale averaging and logit bias inside the graph. For TF
-                Serving and `trainer.predict`.
+                optional standardization, flip and scale averaging and logit bias inside the
+                graph. For TF Serving and `trainer.predict`.
   labels.json   The inference spec (trainer/inference.py): class names and colours, the void
-                label, the model's input size, the baked-in flip, scales and logit bias (null
-                if none), the training class weights. Written last: it marks the export as
-                complete.
+                label, the model's input size, the baked-in standardization, flip, scales and
+                logit bias (null if none), the training class weights. Written last: it marks
+                the export as complete.
 
 An existing labels.json is removed before anything is replaced, model.keras is written under a
 temporary name and renamed, serving/ is written in place (see export_model) and labels.json
@@ -119,9 +119,9 @@ def export_model(model: keras.Model, export_dir: str, spec: inference.Spec) -> N
   PNG or JPEG images. All images of one call must have the same height and width (they are
   stacked into one batch); the call fails otherwise. Each image is decoded to RGB, scaled to
   [0, 1], resized to `spec.image_size` (bilinear, antialiased) and turned into class ids by
-  `inference.predict` at the input resolution (test-time flip and scales, decision bias). It
-  returns `{'class_ids': uint8 [N, H, W]}`; void is never predicted. labels.json is
-  `spec.to_json()`.
+  `inference.predict` at the input resolution (standardization, test-time flip and scales,
+  decision bias). It returns `{'class_ids': uint8 [N, H, W]}`; void is never predicted.
+  labels.json is `spec.to_json()`.
 
   An existing export in `export_dir` is replaced. Call from one process only (e.g. the chief):
   the writes are not coordinated between workers.

@@ -1,14 +1,16 @@
-"""The one inference path: logits -> test-time flips and scales -> decision bias -> class ids.
+"""The one inference path: standardization -> logits -> flips and scales -> bias -> class ids.
 
 Everything inference needs besides the weights is one `Spec`: the class names and colours, the
-void label, the model input size and size multiple, the test-time flip and scales, and the
-decision bias added to the logits before the argmax (the logit adjustment that undoes class
-weighting, or the calibrated per-class offsets once calibration has run). The trainer records it
-in model_dir/inference.json; the export writes the same record as export/labels.json.
+void label, the model input size and size multiple, whether frames are standardized, the
+test-time flip and scales, and the decision bias added to the logits before the argmax (the
+logit adjustment that undoes class weighting, or the calibrated per-class offsets once
+calibration has run). The trainer records it in model_dir/inference.json; the export writes the
+same record as export/labels.json.
 
 Validation, the TensorBoard overlays, calibration, the final evaluation, `trainer.evaluate` and
 the serving SavedModel all predict through `logits` and `class_ids` below, so they agree pixel
-for pixel, and nothing about inference is read from the data being scored.
+for pixel, and nothing about inference is read from the data set being scored. `standardize`
+is also the training input's (trainer/data.py), so the model sees frames standardized alike.
 """
 
 from collections.abc import Sequence
@@ -31,6 +33,7 @@ class Spec:
   class_colors: tuple[tuple[int, int, int], ...]
   image_size: tuple[int, int]  # (height, width) frames are resized to for the model.
   size_multiple: int = 1  # Scaled frames are padded to this multiple (model.size_multiple).
+  standardize: bool = False  # Frames go through standardize() first (data.standardize).
   flip: bool = False  # Average the logits with those of the mirrored frame.
   scales: tuple[float, ...] = (1.0,)  # Average the logits over these frame scales.
   bias: tuple[float, ...] | None = None  # Added to the logits before the argmax.
@@ -55,6 +58,7 @@ class Spec:
         'ignore_label': int(self.ignore_label),
         'image_size': [int(s) for s in self.image_size],
         'size_multiple': int(self.size_multiple),
+        'standardize': bool(self.standardize),
         'flip': bool(self.flip),
         'scales': floats(self.scales),
         'logit_bias': floats(self.bias),
@@ -71,7 +75,8 @@ class Spec:
     return cls(class_names=tuple(c['name'] for c in record['classes']),
                class_colors=tuple(tuple(c['color']) for c in record['classes']),
                image_size=tuple(record['image_size']),
-               size_multiple=int(record.get('size_multiple', 1)), flip=record['flip'],
+               size_multiple=int(record.get('size_multiple', 1)),
+               standardize=record.get('standardize', False), flip=record['flip'],
                scales=tuple(float(s) for s in record.get('scales', [1.0])),
                bias=optional('logit_bias'), class_weights=optional('class_weights'),
                ignore_label=record['ignore_label'])
@@ -107,6 +112,8 @@ def check_record(record) -> str | None:
   if not isinstance(multiple, int) or isinstance(multiple, bool) or multiple < 1:
     return '"size_multiple" must be a positive integer'
   # Optional keys: records written before these existed lack them.
+  if not isinstance(record.get('standardize', False), bool):
+    return '"standardize" must be true or false'
   scales = record.get('scales', [1.0])
   if (not isinstance(scales, list) or not scales
       or not all(_is_number(s) and s > 0 for s in scales)):
@@ -141,11 +148,40 @@ def read(path: str) -> Spec:
   return Spec.from_json(record, path)
 
 
+def frame_moments(frames) -> tuple[tf.Tensor, tf.Tensor]:
+  """(mean, deviation) of each frame of [..., H, W, C] `frames` over all its pixels and channels.
+
+  Both are [..., 1, 1, 1]; the deviation is floored at 1/sqrt(H * W * C), as in
+  tf.image.per_image_standardization, so a flat frame is not divided by zero.
+  """
+  frames = tf.cast(frames, tf.float32)
+  mean, variance = tf.nn.moments(frames, axes=[-3, -2, -1], keepdims=True)
+  size = tf.cast(tf.reduce_prod(tf.shape(frames)[-3:]), tf.float32)
+  return mean, tf.maximum(tf.sqrt(variance), tf.math.rsqrt(size))
+
+
+def standardize(images, moments=None) -> tf.Tensor:
+  """float32 frames minus their mean over their deviation (frame_moments): the model's input.
+
+  The one definition of data.standardize, used by logits() below on whole frames and by
+  training on crops, with `moments` the (mean, deviation) of each crop's whole frame: a window
+  of a standardized frame, resized or not (resizing is linear), is the same window standardized
+  by the frame's moments. `images` are in [0, 1]; a global brightness and contrast change of a
+  frame leaves its input unchanged.
+  """
+  mean, deviation = frame_moments(images) if moments is None else moments
+  return (tf.cast(images, tf.float32) - mean) / deviation
+
+
 def logits(model, images, spec: Spec, out_size) -> tf.Tensor:
   """float32 [N, *out_size, C] logits: flips and scales averaged, resized bilinear to out_size.
 
-  Logits are interpolated rather than class ids so boundaries stay smooth at label resolution.
+  `images` are model-size frames in [0, 1], standardized here when the spec says so (before
+  any scaling or padding). Logits are interpolated rather than class ids so boundaries stay
+  smooth at label resolution.
   """
+  if spec.standardize:
+    images = standardize(images)
   x = model_lib.predict_logits(model, images, spec.flip, spec.scales, spec.size_multiple)
   return tf.image.resize(tf.cast(x, tf.float32), out_size, method='bilinear')
 

@@ -123,7 +123,8 @@ def inference_spec(config: configs.Config, class_names, class_weights=None, clas
       class_names=tuple(class_names),
       class_colors=tuple(tuple(c) for c in (class_colors or [(0, 0, 0)] * len(class_names))),
       image_size=tuple(config.data.image_size), size_multiple=size_multiple(config),
-      flip=config.eval.flip, scales=tuple(config.eval.scales), bias=floats(bias),
+      standardize=config.data.standardize, flip=config.eval.flip,
+      scales=tuple(config.eval.scales), bias=floats(bias),
       class_weights=floats(class_weights), ignore_label=ignore_label)
 
 

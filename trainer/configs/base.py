@@ -97,6 +97,11 @@ class DataConfig(_Group):
   brightness: float = 0.1  # Max brightness delta ([0, 1] pixel scale); 0 disables.
   contrast: float = 0.1  # Contrast factor range 1 +/- contrast; 0 disables.
   saturation: float = 0.1  # Saturation factor range 1 +/- saturation; 0 disables.
+  # Each whole frame (after the colour jitter, before cropping) minus its mean over its standard
+  # deviation, in training and inference alike (inference.standardize): invariant to a global
+  # brightness and contrast change. Costs a pass over each frame once (with colour jitter, a few
+  # per example).
+  standardize: bool = False
 
   def _ranges(self):
     return {
@@ -422,8 +427,8 @@ FLAT_NAMES = {
     'cache_decoded_mb': 'runtime.cache_decoded_mb', 'shuffle_buffer': 'runtime.shuffle_buffer',
     'seed': 'seed', 'steps_per_epoch': 'steps_per_epoch',
 }
-# Fields added after the grouping (data.batch_size_per_replica, runtime.formation_timeout_seconds)
-# have no flat name.
+# Fields added after the grouping (data.batch_size_per_replica, data.standardize,
+# runtime.formation_timeout_seconds) have no flat name.
 assert len(set(FLAT_NAMES.values())) == len(FLAT_NAMES) and set(FLAT_NAMES.values()) <= set(FIELDS)
 
 # Fields of rejected experiments that the trainer no longer has, with the values that meant
