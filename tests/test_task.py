@@ -529,9 +529,11 @@ def test_standardized_run_predicts_alike_on_darkened_frames(darkened_data, tmp_p
   assert json.loads((model_dir / 'inference.json').read_text())['standardize'] is True
   assert json.loads((model_dir / 'export' / 'labels.json').read_text())['standardize'] is True
   # The run's val metrics (the evaluation validation uses) reproduced on the darkened val split.
-  from trainer import evaluate  # pylint: disable=g-import-not-at-top
+  proc = run_module('trainer.evaluate', '--model_dir', model_dir, '--data_dir', darkened,
+                    '--split', 'val', '--output', tmp_path / 'darkened.json')
+  assert proc.returncode == 0, proc.stderr[-3000:]
   metrics = json.loads((model_dir / 'metrics.json').read_text())
-  result = evaluate.evaluate_model_dir(str(model_dir), str(darkened), 'val')
+  result = json.loads((tmp_path / 'darkened.json').read_text())
   assert result['confusion_matrix'] == metrics['confusion_matrix']
   serve = tf.saved_model.load(str(model_dir / 'export' / 'serving')).signatures['serving_default']
   frames = sorted((original.parent / 'raw' / 'val').glob('*.png'))
