@@ -191,6 +191,8 @@ def geometric(image: tf.Tensor, mask: tf.Tensor, seed: tf.Tensor, config,
 _GREY = (0.2989, 0.5870, 0.1140)
 # Brightness delta 0, contrast and saturation factors 1.
 _NO_JITTER = (0.0, 1.0, 1.0)
+# Mean 0 and deviation 1: the moments of a void stand-in example, which standardize nothing.
+_UNIT_MOMENTS = (0.0, 1.0)
 
 
 def _has_colour_jitter(aug) -> bool:
@@ -303,7 +305,7 @@ def _void_example(config, label_size=None, valid=None, crop=False):
   if crop:
     element.update(flip=tf.constant(False), jitter=tf.constant(_NO_JITTER))
     if config.data.standardize:
-      element['moments'] = tf.constant([0.0, 1.0])
+      element['moments'] = tf.constant(_UNIT_MOMENTS)
   if valid is not None:
     element['valid'] = tf.constant(valid)
   return element
@@ -374,7 +376,7 @@ class TrainInput:
     filler = ({'image': tf.zeros([1, 1, 3], tf.uint8), 'mask': tf.zeros([1, 1], tf.uint8)}
               if cached is not None else tf.constant(b''))
     if cached is not None and self._with_moments:
-      filler['moments'] = tf.constant([0.0, 1.0])
+      filler['moments'] = tf.constant(_UNIT_MOMENTS)
     filler = tf.data.Dataset.from_tensors((tf.constant(0, tf.int64), tf.constant(0, tf.int64),
                                            filler, tf.constant(True))).repeat()
 
